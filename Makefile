@@ -1,0 +1,29 @@
+# Two commands matter: `make demo` (set up, then run the tiny recipe end to end on CPU) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# img2dataset drags in the `dataclasses` backport, which shadows the standard library inside
+	# Prefect's server process; img2dataset works without it.
+	$(PY) -m pip uninstall -q -y dataclasses
+	touch $@
+
+demo: setup
+	$(VENV)/bin/microdit demo
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.model_throughput --preset MicroDiT_Debug
+
+clean:
+	rm -rf $(VENV) runs

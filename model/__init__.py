@@ -1,0 +1,1 @@
+"""MicroDiT network and diffusion components (plain PyTorch)."""

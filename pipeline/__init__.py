@@ -1,0 +1,1 @@
+"""Pipeline steps as plain, idempotent functions over local or S3 URIs."""

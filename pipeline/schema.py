@@ -1,0 +1,114 @@
+"""The Parquet schema of precomputed training rows, readable with shapes by plain pyarrow.
+
+Tensors are stored flat as `fixed_size_list<halffloat>` (float16, as RECIPE.md stores them) with their shape
+in the field metadata (`b"shape": b"[4, 32, 32]"`), so any Arrow reader gets a typed column and
+`read_tensor` gets the N-d array back without Ray's extension types.
+
+| column                | type                          | meaning                                          |
+|-----------------------|-------------------------------|--------------------------------------------------|
+| key                   | string                        | unique row id, `<source>/<img2dataset key>`      |
+| caption               | string                        | full caption text (never truncated)              |
+| source                | string                        | dataset name                                     |
+| width, height         | int32                         | original image size in pixels                    |
+| caption_truncated     | bool                          | caption had more than 77 tokens                  |
+| latents_<R>           | fixed_size_list<f16>, nullable | VAE latent at R px (C x R/f x R/f), x scaling    |
+| has_<R>               | bool                          | False where the short side was below R           |
+| caption_states        | fixed_size_list<f16>          | text tower token states (77 x width)             |
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+CAPTION_STATES = "caption_states"
+SCALAR_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("caption_truncated", pa.bool_(), nullable=False),
+]
+
+
+def latent_column(resolution: int) -> str:
+    return f"latents_{int(resolution)}"
+
+
+def has_column(resolution: int) -> str:
+    return f"has_{int(resolution)}"
+
+
+def tensor_field(name: str, shape: Sequence[int], nullable: bool = False) -> pa.Field:
+    size = int(np.prod(shape))
+    return pa.field(name, pa.list_(pa.float16(), size), nullable=nullable,
+                    metadata={b"shape": json.dumps([int(s) for s in shape]).encode()})
+
+
+def latent_schema(resolutions: Sequence[int], latent_channels: int, downsample: int,
+                  text_tokens: int, text_width: int) -> pa.Schema:
+    """Schema for rows holding latents at each resolution plus caption states."""
+    fields = list(SCALAR_FIELDS)
+    for r in resolutions:
+        if r % downsample:
+            raise ValueError(f"resolution {r} is not divisible by the autoencoder's downsample factor {downsample}")
+        fields.append(tensor_field(latent_column(r), (latent_channels, r // downsample, r // downsample), nullable=True))
+        fields.append(pa.field(has_column(r), pa.bool_(), nullable=False))
+    fields.append(tensor_field(CAPTION_STATES, (text_tokens, text_width)))
+    return pa.schema(fields)
+
+
+def field_shape(field: pa.Field) -> tuple[int, ...]:
+    if not field.metadata or b"shape" not in field.metadata:
+        raise ValueError(f"column {field.name!r} carries no shape metadata; is this a microdit latent file?")
+    return tuple(json.loads(field.metadata[b"shape"]))
+
+
+def tensor_array(values: Sequence[np.ndarray | None], field: pa.Field) -> pa.Array:
+    """Arrow array for `field` from per-row arrays (None -> null where the field is nullable)."""
+    shape = field_shape(field)
+    size = int(np.prod(shape))
+    valid = np.array([v is not None for v in values], dtype=bool)
+    flat = np.zeros((len(values), size), dtype=np.float16)
+    for i, v in enumerate(values):
+        if v is not None:
+            v = np.asarray(v)
+            if v.shape != shape:
+                raise ValueError(f"column {field.name!r} expects shape {shape}, got {v.shape}")
+            flat[i] = v.reshape(-1).astype(np.float16)
+    storage = pa.array(flat.reshape(-1), type=pa.float16())
+    arr = pa.FixedSizeListArray.from_arrays(storage, size)
+    if not valid.all():
+        arr = pa.FixedSizeListArray.from_arrays(storage, size, mask=pa.array(~valid))
+    return arr
+
+
+def read_tensor(table: pa.Table, column: str, dtype=np.float32) -> np.ndarray:
+    """(N, *shape) array of a tensor column; null rows come back as NaN."""
+    field = table.schema.field(column)
+    shape = field_shape(field)
+    col = table.column(column).combine_chunks() if table.num_rows else pa.array([], field.type)
+    size = int(np.prod(shape))
+    flat = col.flatten().to_numpy(zero_copy_only=False) if col.null_count == 0 else None
+    if flat is None or flat.size != len(col) * size:
+        out = np.full((len(col), size), np.nan, dtype=dtype)
+        for i, v in enumerate(col.to_pylist()):
+            if v is not None:
+                out[i] = v
+        return out.reshape((len(col), *shape))
+    return flat.astype(dtype, copy=False).reshape((len(col), *shape))
+
+
+def validate(schema: pa.Schema, resolutions: Sequence[int]) -> None:
+    """Raise ValueError naming what is missing when `schema` is not a latent-row schema for `resolutions`."""
+    needed = [f.name for f in SCALAR_FIELDS] + [CAPTION_STATES]
+    for r in resolutions:
+        needed += [latent_column(r), has_column(r)]
+    missing = [n for n in needed if n not in schema.names]
+    if missing:
+        raise ValueError(f"Parquet schema lacks column(s) {missing}; has {schema.names}")
+    for name in [CAPTION_STATES] + [latent_column(r) for r in resolutions]:
+        field_shape(schema.field(name))

@@ -1,0 +1,184 @@
+"""Shared fixtures: every service a test needs is started here, owned by the test session, and torn down.
+
+Services are started as process groups we created ourselves and stopped by group id, never by name, so
+several test sessions (or a user's own Ray/Prefect) on the same machine do not disturb each other.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f}s")
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop a process group started with start_new_session=True: SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fake_aws_credentials():
+    # moto accepts any credentials; set them before Ray starts so its workers inherit them.
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(key, value)
+    yield
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """A fresh local Ray head (dashboard on) owned by this test session; yields its GCS address."""
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port, dash = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp_dir}", "--num-cpus=4", "--object-store-memory=800000000",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray head exited with {proc.returncode}; see {log.name}")
+        r = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True)
+        return r.returncode == 0
+
+    try:
+        _wait_until(up, 120, "ray head")
+        os.environ["RAY_ADDRESS"] = address
+        yield address
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:
+            pass
+        _stop_group(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on a free loopback port with its own PREFECT_HOME and SQLite; yields its API URL.
+
+    PREFECT_API_URL and PREFECT_HOME are exported for the rest of the session so that flows, workers and
+    the `prefect` CLI started by tests all talk to this server.
+    """
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+               PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    try:
+        _wait_until(up, 120, "prefect server")
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        yield api
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _stop_group(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback; yields the endpoint URL (credentials: the fake ones above)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh, empty bucket on the moto server; yields its name."""
+    import uuid
+
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    yield name
