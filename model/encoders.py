@@ -137,7 +137,7 @@ def _load_diffusers_vae(path: str, subfolder: str | None, device, dtype) -> Diff
     return DiffusersVAE(vae, device, dtype)
 
 
-def save_tiny_vae(folder, scaling_factor: float = 0.5, seed: int = 0) -> str:
+def save_tiny_vae(folder, scaling_factor: float = 0.5, seed: int = 0, force_upcast: bool = False) -> str:
     """Write a tiny AutoencoderKL (SDXL's class, f=4, a few channels, random weights) with save_pretrained."""
     from diffusers import AutoencoderKL
 
@@ -147,7 +147,7 @@ def save_tiny_vae(folder, scaling_factor: float = 0.5, seed: int = 0) -> str:
             in_channels=3, out_channels=3, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
             block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-            scaling_factor=scaling_factor, force_upcast=False,
+            scaling_factor=scaling_factor, force_upcast=force_upcast,
         )
     vae.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)

@@ -91,8 +91,8 @@ class MicroDiT(nn.Module):
             raise ValueError(f"latent resolution {h}x{w}: this model expects "
                              f"{cfg.input_size}x{cfg.input_size} (input_size)")
         n = x.shape[0]
-        if c_noise.shape != (n,):
-            raise ValueError(f"c_noise shape {tuple(c_noise.shape)}: expected ({n},)")
+        if c_noise.numel() != n or any(s != 1 for s in c_noise.shape[1:]):
+            raise ValueError(f"c_noise shape {tuple(c_noise.shape)}: expected ({n},) (or ({n}, 1, 1, 1))")
         if caption.shape != (n, cfg.caption_len, cfg.caption_dim):
             raise ValueError(f"caption shape {tuple(caption.shape)}: expected "
                              f"({n}, {cfg.caption_len}, {cfg.caption_dim})")
@@ -104,6 +104,7 @@ class MicroDiT(nn.Module):
         """x (N, C, H, W) = c_in * noisy latent, c_noise (N,), caption (N, L, C_txt) -> (out, keep (N, T) | None)."""
         self._check(x, c_noise, caption, mask_ratio)
         n, T = x.shape[0], self.cfg.num_patches
+        c_noise = c_noise.reshape(n)  # a sigma-shaped (N, 1, 1, 1) is fine too
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         y = self.caption_embedder(caption)  # (N, L, D)
         c = self.t_embedder(c_noise) + self.pooled_embedder(y.mean(dim=1))  # (N, D)

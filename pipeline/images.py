@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG's opener also reads MPO (phone photos)
 WHITE = (255, 255, 255)
 
 
@@ -61,7 +61,7 @@ def decode_image(data: bytes, min_size: int = 1, max_pixels: int = DEFAULT_MAX_P
         with warnings.catch_warnings():
             # Our own max_pixels applies below; PIL's global bomb limit still raises past 2x its default.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
+            im = Image.open(io.BytesIO(data), formats=_formats())
             w, h = im.size  # header only: nothing decoded yet
             if w * h > max_pixels:
                 return Decoded(None, SkipReason.TOO_LARGE, w, h)
@@ -83,6 +83,11 @@ def decode_image(data: bytes, min_size: int = 1, max_pixels: int = DEFAULT_MAX_P
     if min(w, h) < min_size:  # EXIF rotation does not change the short side, but be exact
         return Decoded(None, SkipReason.TOO_SMALL, w, h)
     return Decoded(rgb, None, w, h)
+
+
+def _formats() -> list[str]:
+    Image.init()  # registers plugins; a format missing from this Pillow build is left out
+    return [f for f in FORMATS if f in Image.OPEN]
 
 
 def _upright(im: Image.Image) -> Image.Image:

@@ -111,7 +111,7 @@ def test_experts_and_caption_block(xl):
     assert xl.t_embedder.mlp[0].in_features == 512 and xl.t_embedder.mlp[2].out_features == 1024
     assert xl.final_layer.linear.out_features == 16
     # Linear layers inside blocks carry no bias; LayerNorms carry a weight but no bias; qk-norms nothing.
-    block = xl.blocks[5]
+    block = xl.blocks[4]  # a dense block
     for linear in (block.attn.qkv, block.attn.proj, block.cross_attn.q, block.cross_attn.kv, block.ffn.w3):
         assert linear.bias is None
     assert block.norm1.weight is not None and block.norm1.bias is None
@@ -131,3 +131,12 @@ def test_model_config_overrides_and_errors():
     with pytest.raises(ValueError, match="mlp_ratio"):
         ModelConfig(mlp_ratio=(1.0,))
     assert ModelConfig(attn_ratio=[0.5, 1]).attn_ratio == (0.5, 1.0)  # YAML lists become tuples
+
+
+def test_config_round_trips_through_plain_dicts():
+    from pipeline.configs import from_dict, to_dict
+
+    cfg = model_config("MicroDiT_Tiny_2", input_size=64, pos_interp_scale=2.0)
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg  # what config.json beside a checkpoint holds
+    with pytest.raises(ValueError, match="depht"):
+        from_dict(ModelConfig, {"depht": 3})

@@ -58,7 +58,11 @@ def test_each_expert_processes_exactly_k_tokens_and_unpicked_get_zero():
     moe = make_moe(dim=16, hidden=24, experts=4, capacity=1.0)
     x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(2))
     seen = {}
-    moe.experts.register_forward_hook(lambda mod, inp, out: seen.setdefault("shape", inp[0].shape))
+
+    def record(module, inputs, output):
+        seen["shape"] = inputs[0].shape
+
+    moe.experts.register_forward_hook(record)
     out = moe(x)
     k = int(1.0 * 32 / 4)
     assert seen["shape"] == (2, 4, k, 16)  # (N, E, k, D): every expert gets exactly k tokens per image

@@ -1,0 +1,178 @@
+"""`microdit`: start the local stack, run the pipeline through Prefect, rerun a stage, show status, run the demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flows import local_stack
+from flows.local_stack import StackError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CLIError(RuntimeError):
+    """An error shown to the user as one plain line (no traceback)."""
+
+
+def _state(args) -> Path:
+    return Path(args.state_dir).resolve() if args.state_dir else local_stack.default_state_dir()
+
+
+def _recipe(path: str) -> str:
+    """An absolute recipe path: as given, else relative to the repository (recipes/tiny.yaml works anywhere)."""
+    for p in (Path(path), REPO / path):
+        if p.is_file():
+            return str(p.resolve())
+    raise CLIError(f"recipe {path!r} not found (looked in {Path.cwd()} and {REPO})")
+
+
+def cmd_up(args) -> int:
+    stack = local_stack.up(_state(args), prefect_port=args.prefect_port, ray_port=args.ray_port,
+                           dashboard_port=args.dashboard_port, num_cpus=args.num_cpus)
+    print_where(stack)
+    return 0
+
+
+def cmd_down(args) -> int:
+    stopped = local_stack.down(_state(args))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _follow(deployment: str, parameters: dict, args) -> int:
+    from flows import follow
+
+    stack = local_stack.require(_state(args))
+    state = local_stack._with_env(stack, lambda: follow.run_and_follow(deployment, parameters))
+    print(f"flow run finished: {state}")
+    return 0 if state == "COMPLETED" else 1
+
+
+def cmd_run(args) -> int:
+    params = {"recipe": _recipe(args.recipe), "overrides": args.set, "force": args.force}
+    return _follow("microdit/full-run", params, args)
+
+
+def cmd_stage(args) -> int:
+    params = {"stage": args.name, "recipe": _recipe(args.recipe), "overrides": args.set,
+              "restart": not args.resume}
+    return _follow("microdit/stage", params, args)
+
+
+def cmd_status(args) -> int:
+    from flows import follow
+
+    state_dir = _state(args)
+    stack = local_stack.Stack.load(state_dir)
+    if stack is None:
+        raise StackError(f"the local stack is not up (no {state_dir / local_stack.STATE_FILE}); "
+                         "start it with `microdit up`")
+    up = {name: stack.alive(name) for name in local_stack.SERVICES}
+    print(f"state dir          {state_dir}")
+    print(f"prefect server     {'up' if up['prefect'] and local_stack.prefect_healthy(stack.api_url) else 'DOWN'}"
+          f"  {stack.ui_url}")
+    ray_ok = up["ray"] and local_stack.ray_healthy(stack.ray_address)
+    print(f"ray head           {'up' if ray_ok else 'DOWN'}  {stack.ray_address}  dashboard {stack.dashboard_url}")
+    print(f"deployment server  {'up' if up['serve'] else 'DOWN'}")
+    if up["prefect"] and local_stack.prefect_healthy(stack.api_url):
+        for line in local_stack._with_env(stack, follow.recent_runs):
+            print(line)
+    if not all(up.values()):
+        raise StackError("part of the local stack is down; `microdit up` starts what is missing")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Start the stack if needed, run the tiny recipe end to end, print where everything is."""
+    from pipeline import storage
+    from pipeline.run_config import load_recipe
+
+    stack = local_stack.up(_state(args), num_cpus=args.num_cpus)
+    recipe = _recipe(args.recipe)
+    params = {"recipe": recipe, "overrides": args.set, "force": args.force}
+    rc = local_stack._with_env(stack, lambda: _demo_follow(params))
+    cfg = load_recipe(recipe, args.set, storage_base=stack.workdir or None)
+    print("\n== microdit demo ==")
+    print(f"run folder         {cfg.storage}")
+    for label, uri in (("sample grid", cfg.sample_grid_uri()), ("report", cfg.report_uri()),
+                       ("resolved config", cfg.config_uri())):
+        print(f"{label:<18} {uri}{'' if storage.exists(uri) else '  (missing)'}")
+    print_where(stack)
+    return rc
+
+
+def _demo_follow(params: dict) -> int:
+    from flows import follow
+
+    state = follow.run_and_follow("microdit/full-run", params)
+    print(f"flow run finished: {state}")
+    return 0 if state == "COMPLETED" else 1
+
+
+def print_where(stack: local_stack.Stack) -> None:
+    print(f"Prefect UI         {stack.ui_url}")
+    print(f"Ray dashboard      {stack.dashboard_url}  (token auth: the dashboard asks for the token in "
+          f"{local_stack.ray_token_path()}; `ray get-auth-token` prints it)")
+    print(f"Ray address        {stack.ray_address}")
+    print(f"use from a shell   export PREFECT_API_URL={stack.api_url} PREFECT_HOME={stack.prefect_home} "
+          f"RAY_ADDRESS={stack.ray_address}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="microdit", description=__doc__)
+    p.add_argument("--state-dir", help="where the local stack keeps its state (default $MICRODIT_HOME or "
+                                       "./runs/.stack)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Prefect server, Ray head and the deployment server")
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--ray-port", type=int, default=6379)
+    up.add_argument("--dashboard-port", type=int, default=8265)
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
+    up.set_defaults(fn=cmd_up)
+
+    sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="services up? last flow runs").set_defaults(fn=cmd_status)
+
+    def recipe_args(q):
+        q.add_argument("--recipe", default="recipes/tiny.yaml")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="recipe override, e.g. stages.stage1.steps=10 or download.processes_count=2")
+
+    run = sub.add_parser("run", help="run microdit/full-run and follow it")
+    recipe_args(run)
+    run.add_argument("--force", action="append", default=[], metavar="STEP",
+                     help="rerun a finished step (and everything after it): download, precompute, a stage "
+                          "name, sample, evaluate, report, or all")
+    run.set_defaults(fn=cmd_run)
+
+    stage = sub.add_parser("stage", help="rerun one training stage from cached latents (microdit/stage)")
+    stage.add_argument("name")
+    recipe_args(stage)
+    stage.add_argument("--resume", action="store_true",
+                       help="continue the stage from its last checkpoint instead of retraining it")
+    stage.set_defaults(fn=cmd_stage)
+
+    demo = sub.add_parser("demo", help="`up` if needed, then the tiny recipe end to end on CPU")
+    recipe_args(demo)
+    demo.add_argument("--force", action="append", default=[], metavar="STEP")
+    demo.add_argument("--num-cpus", type=int, default=None)
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (StackError, CLIError, FileNotFoundError, ValueError) as e:
+        print(f"microdit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("microdit: interrupted (the flow run, if any, goes on in the deployment server)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

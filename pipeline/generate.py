@@ -1,0 +1,345 @@
+"""Text-to-image generation from a stage's exported weights: per-image PNGs with their provenance, and a grid.
+
+Weights come from `{root}/train/{stage}/export/` (model.safetensors or ema.safetensors beside config.json).
+Each image i of a prompt list gets its own noise seed `seed + i`, so images do not depend on the batch size.
+Sampling is the EDM Heun sampler with classifier-free guidance, cond and uncond in one batched forward; the
+network runs in bf16 on GPU and fp32 on CPU, the ODE state in float64.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from pipeline import storage
+from pipeline.configs import from_dict, to_dict
+
+WEIGHTS = {False: "model.safetensors", True: "ema.safetensors"}
+CONFIG_NAME = "config.json"
+MANIFEST = "generate.json"  # written last: its presence (with matching inputs) means the output is complete
+# Prefixes that wrappers add to state_dict keys (torch.compile, DDP); the tensors themselves are the same.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerateConfig:
+    """How to sample: sampler steps, guidance, base seed, batch size, output resolution, weights and precision."""
+
+    steps: int = 30
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 16
+    resolution: int | None = None  # pixels; None: the model's input_size x the VAE's downsample
+    use_ema: bool = True
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU; or one of DTYPES
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    grid: bool = True  # also write grid.png
+    grid_captions: bool = True  # caption text under each grid cell
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: expected >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: expected >= 1")
+        if self.guidance < 0:
+            raise ValueError(f"guidance={self.guidance}: expected >= 0 (1.0 = no guidance)")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected 'auto' or one of {sorted(DTYPES)}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution={self.resolution}: expected a positive pixel size or None")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def read_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """Prompts from a list, or from a text file URI (one per line, blank lines skipped); none -> ValueError."""
+    if isinstance(prompts, str):
+        text = storage.read_bytes(prompts).decode("utf-8")  # FileNotFoundError names the URI
+        out = [line.strip() for line in text.splitlines() if line.strip()]
+        if not out:
+            raise ValueError(f"prompt file {prompts!r} holds no prompts; expected one prompt per line")
+        return out
+    out = [str(p) for p in prompts]
+    if not out:
+        raise ValueError("no prompts given; expected a non-empty list of prompts or a prompt file")
+    return out
+
+
+def resolve_weights(weights_uri: str, use_ema: bool) -> tuple[str, str]:
+    """(safetensors URI, config.json URI): `weights_uri` is an export folder or a .safetensors file in one."""
+    uri = str(weights_uri).rstrip("/")
+    if uri.endswith(".safetensors"):
+        weights = uri
+        folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    else:
+        folder = uri
+        weights = storage.join(folder, WEIGHTS[use_ema])
+    config = storage.join(folder, CONFIG_NAME)
+    if not storage.exists(weights):
+        raise FileNotFoundError(f"weights {weights!r} do not exist; expected an export folder holding "
+                                f"{WEIGHTS[use_ema]} (use_ema={use_ema}) or a .safetensors file")
+    if not storage.exists(config):
+        raise FileNotFoundError(f"model config {config!r} does not exist; expected it beside the weights")
+    return weights, config
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load; missing, unexpected or mis-shaped keys -> ValueError naming them and `source`."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = sorted(f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+                    for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        def few(items):
+            return f"{items[:8]}{' ...' if len(items) > 8 else ''} ({len(items)})"
+        raise ValueError(f"weights {source!r} do not match the model config beside them: "
+                         f"missing keys {few(missing)}, unexpected keys {few(unexpected)}, "
+                         f"shape mismatches {few(shapes)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _device_dtype(cfg: GenerateConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[cfg.dtype]
+    return device, dtype
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Generator:
+    """A loaded network + VAE + text encoder that turns prompts into uint8 images, seed = base seed + index."""
+
+    def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
+                 text_spec: str | None = None):
+        from model.config import ModelConfig
+        from model.encoders import load_text_encoder, load_vae
+        from model.microdit import MicroDiT
+        from safetensors.torch import load as load_safetensors
+
+        self.cfg = cfg
+        self.weights_uri, config_uri = resolve_weights(weights_uri, cfg.use_ema)
+        export = storage.read_json(config_uri)
+        if not isinstance(export, dict) or "model" not in export:
+            raise ValueError(f"{config_uri!r} has no 'model' section; expected the export config "
+                             "{'model': ModelConfig dict, 'stage': ..., 'encoders': {'vae', 'text'}}")
+        encoders = export.get("encoders") or {}
+        self.vae_spec = vae_spec or encoders.get("vae")
+        self.text_spec = text_spec or encoders.get("text")
+        for name, spec in (("vae_spec", self.vae_spec), ("text_spec", self.text_spec)):
+            if not spec:
+                raise ValueError(f"{name} not given and {config_uri!r} records no encoders; pass it explicitly")
+        self.device, self.dtype = _device_dtype(cfg)
+        # Encoders in bf16 on GPU (the SDXL VAE overflows in fp16), fp32 on CPU.
+        enc_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+        self.vae = load_vae(self.vae_spec, device=self.device, dtype=enc_dtype)
+        self.text = load_text_encoder(self.text_spec, device=self.device, dtype=enc_dtype)
+
+        model_cfg = from_dict(ModelConfig, export["model"], where=f"{config_uri}:model")
+        if model_cfg.caption_dim != self.text.width:
+            raise ValueError(f"text encoder {self.text_spec!r} has width {self.text.width} but the model expects "
+                             f"caption_dim={model_cfg.caption_dim}")
+        if model_cfg.in_channels != self.vae.latent_channels:
+            raise ValueError(f"VAE {self.vae_spec!r} has {self.vae.latent_channels} latent channels but the model "
+                             f"expects in_channels={model_cfg.in_channels}")
+        f = self.vae.downsample
+        self.resolution = cfg.resolution or model_cfg.input_size * f
+        if self.resolution % (f * model_cfg.patch_size):
+            raise ValueError(f"resolution={self.resolution} is not a multiple of VAE downsample {f} x patch "
+                             f"{model_cfg.patch_size}")
+        latent = self.resolution // f
+        if latent != model_cfg.input_size:
+            # Positions are a rebuilt buffer: other sizes load strictly; interpolation scales with the grid.
+            model_cfg = dataclasses.replace(model_cfg, input_size=latent,
+                                            pos_interp_scale=model_cfg.pos_interp_scale * latent / model_cfg.input_size)
+        self.model_cfg = model_cfg
+
+        raw = storage.read_bytes(self.weights_uri)
+        self.weights_sha256 = hashlib.sha256(raw).hexdigest()
+        model = MicroDiT(model_cfg)
+        load_state(model, _strip_wrappers(load_safetensors(raw)), self.weights_uri)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.step = export.get("step")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.resolution // self.vae.downsample
+        return (self.model_cfg.in_channels, s, s)
+
+    def seeds(self, start: int, n: int) -> list[int]:
+        return [self.cfg.seed + start + i for i in range(n)]
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], start: int = 0) -> np.ndarray:
+        """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i (one batch, any size)."""
+        from model.sampler import HeunSampler, make_noise
+
+        noise = torch.cat([make_noise((1, *self.latent_shape), s) for s in self.seeds(start, len(prompts))])
+        caption = self.text.encode(list(prompts)).to(self.device, self.dtype)  # (N, 77, width)
+        # guidance 1 is the conditional model itself: skip the unconditional branch.
+        guidance = None if self.cfg.guidance == 1.0 else self.cfg.guidance
+        sampler = HeunSampler(steps=self.cfg.steps)
+        latents = sampler.sample(self.model, noise.to(self.device), caption, guidance=guidance)  # (N, C, h, w)
+        return to_uint8(self.vae.decode(latents))
+
+    def batches(self, prompts: Sequence[str], start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the first image, images) per batch of cfg.batch_size."""
+        for i in range(0, len(prompts), self.cfg.batch_size):
+            yield start + i, self.sample(prompts[i:i + self.cfg.batch_size], start + i)
+
+    def provenance(self) -> dict[str, str]:
+        return {"steps": str(self.cfg.steps), "guidance": str(self.cfg.guidance), "weights": self.weights_uri,
+                "weights_sha256": self.weights_sha256, "use_ema": str(self.cfg.use_ema),
+                "resolution": str(self.resolution), "dtype": str(self.dtype).replace("torch.", ""),
+                "vae": self.vae_spec, "text_encoder": self.text_spec, "sampler": "edm-heun"}
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def encode_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array with `text` as tEXt/iTXt chunks."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, str(value))  # iTXt: UTF-8, so any prompt survives
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def make_grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = None, cols: int | None = None,
+              pad: int = 2) -> Image.Image:
+    """A grid of equally sized (H, W, 3) images, optionally with wrapped captions under each cell."""
+    if not len(images):
+        raise ValueError("make_grid needs at least one image")
+    h, w = images[0].shape[:2]
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    font = ImageFont.load_default()
+    chars = max(8, w // 6)  # the default bitmap font is about 6 px a character
+    lines = [textwrap.wrap(c, chars)[:3] for c in captions] if captions else None
+    text_h = 11 * max((len(l) for l in lines), default=0) + 4 if lines else 0
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        x, y = pad + (i % cols) * (w + pad), pad + (i // cols) * (h + text_h + pad)
+        grid.paste(Image.fromarray(im, "RGB"), (x, y))
+        if lines:
+            draw.multiline_text((x + 1, y + h + 2), "\n".join(lines[i]), fill=(0, 0, 0), font=font, spacing=1)
+    return grid
+
+
+def image_name(index: int, seed: int) -> str:
+    return f"{index:05d}_seed{seed}.png"
+
+
+def _request(weights_uri: str, prompts: list[str], cfg: GenerateConfig, vae_spec, text_spec) -> dict:
+    return {"weights": str(weights_uri), "prompts": prompts, "config": to_dict(cfg),
+            "vae": vae_spec, "text": text_spec}
+
+
+def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: GenerateConfig | None = None,
+             vae_spec: str | None = None, text_spec: str | None = None) -> list[str]:
+    """Sample one PNG per prompt (+ grid.png) under out_uri; returns the written file URIs. Idempotent."""
+    cfg = cfg or GenerateConfig()
+    prompts = read_prompts(prompts)
+    request = _request(weights_uri, prompts, cfg, vae_spec, text_spec)
+    manifest_uri = storage.join(out_uri, MANIFEST)
+    if storage.exists(manifest_uri):
+        done = storage.read_json(manifest_uri)
+        if done.get("request") == request and all(storage.exists(u) for u in done["files"]):
+            return list(done["files"])
+
+    gen = Generator(weights_uri, cfg, vae_spec, text_spec)
+    files, images = [], []
+    for start, batch in gen.batches(prompts):
+        for j, image in enumerate(batch):
+            i = start + j
+            seed = cfg.seed + i
+            uri = storage.join(out_uri, image_name(i, seed))
+            storage.write_bytes(uri, encode_png(image, {"prompt": prompts[i], "seed": str(seed), "index": str(i),
+                                                        **gen.provenance()}))
+            files.append(uri)
+            if cfg.grid:
+                images.append(image)
+    if cfg.grid:
+        grid = make_grid(images, prompts if cfg.grid_captions else None)
+        uri = storage.join(out_uri, "grid.png")
+        storage.write_bytes(uri, encode_png(np.asarray(grid), {"prompts": json.dumps(prompts),
+                                                               "seed": str(cfg.seed), **gen.provenance()}))
+        files.append(uri)
+    storage.write_json(manifest_uri, {"request": request, "files": files, "provenance": gen.provenance(),
+                                      "seeds": gen.seeds(0, len(prompts)), "step": gen.step})
+    return files
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `microdit generate` (pass a subparser to mount it)."""
+    p = parser or argparse.ArgumentParser(prog="microdit generate", description=__doc__.splitlines()[0])
+    d = GenerateConfig()
+    p.add_argument("weights", help="export folder ({root}/train/{stage}/export) or a .safetensors file in one")
+    p.add_argument("out", help="output folder or s3:// URI")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--no-ema", dest="use_ema", action="store_false", help="use model.safetensors, not EMA")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--vae", default=None, help="VAE spec (default: the export config's)")
+    p.add_argument("--text-encoder", default=None, help="text encoder spec (default: the export config's)")
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> list[str]:
+    """Run generate() from parsed build_parser() arguments."""
+    if bool(args.prompt) == bool(args.prompts_file):
+        raise ValueError("give prompts with --prompt (repeatable) or --prompts-file, exactly one of them")
+    cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                         resolution=args.resolution, use_ema=args.use_ema, dtype=args.dtype, device=args.device)
+    return generate(args.weights, args.prompts_file or args.prompt, args.out, cfg, args.vae, args.text_encoder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: `python -m pipeline.generate WEIGHTS OUT --prompt ...`."""
+    files = run_from_args(build_parser().parse_args(argv))
+    print("\n".join(files))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Training data: Ray Data streams of precomputed latents, a weighted mixture, and a resumable position.
+
+Driver side: `build_datasets` reads each source's Parquet files (file order shuffled once with the seed), keeps
+only the tensor columns, drops rows without a latent at the stage's resolution (`has_<R>`), and reshapes the
+flat float16 columns into (N, C, H, W) latents and (N, L, D) caption states. Ray Train splits every dataset
+across workers with `preserve_order` on, so the split (and the whole data order) is a function of the seed.
+
+Worker side: `MixtureStream` draws each micro-batch from one source, chosen with the source weights by an RNG
+seeded from (seed, step, micro-step): every rank picks the same source, so the split iterators advance in
+lockstep. Each source repeats epoch after epoch; its position (epoch, batches taken) is checkpointed and a
+resumed run skips to it, so the batches after a resume are the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema, storage
+
+LATENTS, CAPTION = "latents", "caption"
+
+
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet files of one latents folder (FileNotFoundError naming it when there are none)."""
+    files = storage.list_files(uri, ".parquet", recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under latents folder {uri!r}")
+    return files
+
+
+def source_shapes(uri: str, resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(latent shape (C, H, W), caption shape (L, D)) read from a source's Parquet schema."""
+    first = parquet_files(uri)[0]
+    fs, path = storage.filesystem(first)
+    s = pq.read_schema(path, filesystem=fs)
+    try:
+        schema.validate(s, [resolution])
+    except ValueError as e:
+        raise ValueError(f"{first!r}: {e}") from e
+    return schema.field_shape(s.field(schema.latent_column(resolution))), schema.field_shape(
+        s.field(schema.CAPTION_STATES))
+
+
+class DecodeLatents:
+    """Ray Data stage: flat float16 columns -> {"latents": (N, C, H, W), "caption": (N, L, D)} float16 arrays."""
+
+    def __init__(self, resolution: int, latent_shape: tuple[int, ...], caption_shape: tuple[int, ...]):
+        self.column = schema.latent_column(resolution)
+        self.has = schema.has_column(resolution)
+        self.latent_shape, self.caption_shape = tuple(latent_shape), tuple(caption_shape)
+
+    @staticmethod
+    def _flat(table: pa.Table, column: str, shape: tuple[int, ...]) -> np.ndarray:
+        col = table.column(column).combine_chunks()
+        if col.null_count:
+            raise ValueError(f"column {column!r} has null rows where {column.replace('latents', 'has')} is True")
+        flat = col.flatten().to_numpy(zero_copy_only=False)  # (N * prod(shape),) float16
+        return flat.reshape((len(col), *shape))
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        table = table.filter(table.column(self.has))  # 512-px stages: only images at least that large
+        return {LATENTS: self._flat(table, self.column, self.latent_shape),
+                CAPTION: self._flat(table, schema.CAPTION_STATES, self.caption_shape)}
+
+
+def dataset_name(source: str, sources: Mapping[str, Any]) -> str:
+    """Name of a source's dataset in the trainer: "train" for a lone source, else "train_<source>"."""
+    return "train" if len(sources) == 1 else f"train_{source}"
+
+
+def mixture_weights(latents: Mapping[str, str], mixture: Mapping[str, float]) -> dict[str, float]:
+    """Normalised weights over the sources used (zero-weight sources dropped)."""
+    unknown = sorted(set(mixture) - set(latents))
+    if unknown:
+        raise ValueError(f"mixture names source(s) {unknown} that have no latents; available: {sorted(latents)}")
+    raw = {s: float(mixture.get(s, 1.0 if not mixture else 0.0)) for s in latents}
+    raw = {s: w for s, w in raw.items() if w > 0}
+    total = sum(raw.values())
+    return {s: w / total for s, w in sorted(raw.items())}
+
+
+def build_datasets(latents: Mapping[str, str], resolution: int, seed: int) -> tuple[dict, dict]:
+    """Ray Datasets per source for the trainer's `datasets=` and the shapes, checked equal across sources."""
+    import ray.data
+
+    datasets, shapes = {}, None
+    for source, uri in sorted(latents.items()):
+        s = source_shapes(uri, resolution)
+        if shapes is not None and s != shapes:
+            raise ValueError(f"source {source!r} has latent/caption shapes {s}, others {shapes}")
+        shapes = s
+        files = parquet_files(uri)
+        random.Random(f"{seed}:{source}").shuffle(files)  # file-level shuffle, fixed by the seed
+        fs, _ = storage.filesystem(uri)
+        paths = [storage.filesystem(f)[1] for f in files]
+        ds = ray.data.read_parquet(paths, filesystem=fs)
+        ds = ds.select_columns([schema.latent_column(resolution), schema.has_column(resolution),
+                                schema.CAPTION_STATES])
+        # An instance (not the class) runs as plain tasks: the stage holds no heavy state worth an actor.
+        ds = ds.map_batches(DecodeLatents(resolution, *s), batch_format="pyarrow", batch_size=None)
+        datasets[dataset_name(source, latents)] = ds
+    return datasets, {"latent_shape": list(shapes[0]), "caption_shape": list(shapes[1])}
+
+
+def fixed_prompts(uri: str, resolution: int, count: int) -> tuple[list[str], np.ndarray]:
+    """The first `count` (caption, caption states (count, L, D) float32) with a latent at `resolution`."""
+    fs, _ = storage.filesystem(uri)
+    captions, states = [], []
+    for f in parquet_files(uri):
+        t = pq.read_table(storage.filesystem(f)[1], filesystem=fs,
+                          columns=["caption", schema.CAPTION_STATES, schema.has_column(resolution)])
+        t = t.filter(t.column(schema.has_column(resolution)))
+        take = t.slice(0, count - len(captions))
+        captions += take.column("caption").to_pylist()
+        states.append(schema.read_tensor(take, schema.CAPTION_STATES))
+        if len(captions) >= count:
+            break
+    return captions, np.concatenate(states) if states else np.zeros((0,), np.float32)
+
+
+@dataclass
+class SourcePosition:
+    """Where a source's stream stands: epoch number and micro-batches taken from it in that epoch."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+class MixtureStream:
+    """Infinite stream of this worker's micro-batches from a weighted mixture of split datasets."""
+
+    def __init__(self, shards: Mapping[str, Any], weights: Mapping[str, float], micro_batch: int, seed: int,
+                 shuffle_buffer: int, rank: int):
+        self.shards, self.micro_batch, self.seed, self.rank = dict(shards), micro_batch, seed, rank
+        self.names = sorted(weights)
+        self.weights = [weights[n] for n in self.names]
+        self.shuffle_buffer = shuffle_buffer
+        self.position = {n: SourcePosition() for n in self.names}
+        self._iters: dict[str, Iterator] = {}
+
+    def _epoch_batches(self, name: str, epoch: int) -> Iterator[dict]:
+        # The local shuffle seed changes per epoch and rank, so every epoch is a new order, reproducibly.
+        shuffle = dict(local_shuffle_buffer_size=self.shuffle_buffer,
+                       local_shuffle_seed=(self.seed * 1_000_003 + epoch * 7919 + self.rank) % 2**31) \
+            if self.shuffle_buffer else {}
+        return iter(self.shards[name].iter_torch_batches(batch_size=self.micro_batch, drop_last=True,
+                                                           device="cpu", **shuffle))
+
+    def _stream(self, name: str) -> Iterator[dict]:
+        pos = self.position[name]
+        skip = pos.batches
+        while True:
+            taken = 0
+            for i, batch in enumerate(self._epoch_batches(name, pos.epoch)):
+                taken += 1
+                if i < skip:  # resuming mid-epoch: replay the same order up to where the checkpoint was
+                    continue
+                pos.batches = i + 1
+                yield batch
+            if taken == 0:
+                raise ValueError(f"source {name!r} gives no full micro-batch of {self.micro_batch} rows per "
+                                 f"worker; add rows or lower micro_batch")
+            pos.epoch, pos.batches, skip = pos.epoch + 1, 0, 0
+
+    def choose(self, step: int, micro: int) -> str:
+        """The source of micro-batch `micro` of step `step` (same on every rank)."""
+        if len(self.names) == 1:
+            return self.names[0]
+        rng = random.Random(f"{self.seed}:{step}:{micro}")
+        return rng.choices(self.names, weights=self.weights)[0]
+
+    def next(self, step: int, micro: int) -> dict:
+        """The next micro-batch {"latents": (B, C, H, W), "caption": (B, L, D)} (float16 tensors)."""
+        name = self.choose(step, micro)
+        if name not in self._iters:
+            self._iters[name] = self._stream(name)
+        return next(self._iters[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: [p.epoch, p.batches] for n, p in self.position.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore positions (before the first `next`); sources new to this stage start at epoch 0."""
+        if self._iters:
+            raise RuntimeError("load_state_dict must come before the stream is read")
+        for n, (epoch, batches) in state.items():
+            if n in self.position:
+                self.position[n] = SourcePosition(int(epoch), int(batches))
