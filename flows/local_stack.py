@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# Ray 2.60 local clusters use token auth; clients only send the token (~/.ray/auth_token) in token mode.
+RAY_AUTH = {"RAY_AUTH_MODE": "token"}
 STATE_FILE = "stack.json"
 SERVICES = ("prefect", "ray", "serve")
 
@@ -29,21 +31,29 @@ class StackError(RuntimeError):
     """A service of the local stack is missing or failed to start; the message says what to do."""
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a process, None if there is none."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "
+    return fields[0], int(fields[19])
+
+
 @dataclass
 class Proc:
-    """A process group we started: its leader's pid, command line and log file."""
+    """A process group we started: its leader's pid and start time (so a recycled pid never matches), command, log."""
 
     pid: int
     cmd: list[str]
     log: str
+    start_ticks: int = 0
 
     def alive(self) -> bool:
-        """True while the recorded pid runs the recorded command (not a recycled pid)."""
-        try:
-            raw = Path(f"/proc/{self.pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return [a.decode() for a in raw.split(b"\0") if a] == self.cmd
+        """True while the recorded pid is the process we started and has not exited."""
+        st = _stat(self.pid)
+        return st is not None and st[1] == self.start_ticks and st[0] not in ("Z", "X")
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the whole group, then SIGKILL what is left after `grace` seconds."""
@@ -84,7 +94,7 @@ class Stack:
         env = {"PREFECT_HOME": self.prefect_home, "PREFECT_API_URL": self.api_url,
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.prefect_home}/prefect.db",
-               "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+               "PREFECT_RUNNER_POLL_FREQUENCY": "2", **RAY_AUTH}
         if self.ray_address:
             env["RAY_ADDRESS"] = self.ray_address
         return env
@@ -147,7 +157,8 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: str | None = Non
     with open(log, "ab") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, **env), cwd=cwd,
                              stdin=subprocess.DEVNULL, start_new_session=True)
-    return Proc(p.pid, cmd, str(log))
+    st = _stat(p.pid)
+    return Proc(p.pid, cmd, str(log), st[1] if st else -1)
 
 
 def _wait(check, timeout: float, what: str, proc: Proc | None = None) -> None:
@@ -175,7 +186,12 @@ def ray_healthy(address: str) -> bool:
     """`ray status` answers for this address (it carries the token when auth is on)."""
     if not address:
         return False
-    r = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, timeout=60)
+    env = dict(os.environ, **RAY_AUTH)
+    try:
+        r = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, timeout=90,
+                           env=env)
+    except subprocess.TimeoutExpired:
+        return False
     return r.returncode == 0
 
 
@@ -245,7 +261,7 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={stack.ray_temp_dir}",
                "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
-        proc = _spawn(cmd, logs / "ray.log", {})
+        proc = _spawn(cmd, logs / "ray.log", dict(RAY_AUTH))
         stack.processes["ray"] = proc
         stack.ray_address, stack.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         stack.save()

@@ -156,7 +156,8 @@ def save_tiny_vae(folder, scaling_factor: float = 0.5, seed: int = 0, force_upca
 # ------------------------------------------------------------------------------------ text encoder
 
 DFN5B = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
-TEXT_SPECS_HELP = f"{DFN5B!r} (or another 'hf-hub:' open_clip repo), 'tiny', or a local folder from save_tiny_text_encoder"
+TEXT_SPECS_HELP = (f"{DFN5B!r} (or another 'hf-hub:' open_clip repo), 'tiny', "
+                   "or a local folder from save_tiny_text_encoder")
 CONFIG_NAME = "open_clip_config.json"  # open_clip's names, so hub repos and local folders read alike
 WEIGHTS_NAME = "open_clip_model.safetensors"
 TINY_SEED = 20240715
@@ -204,7 +205,7 @@ class TextEncoder:
         return t.ln_final(x).float()  # (N, L, D)
 
 
-def _build_tower(model_cfg: dict, dtype) -> torch.nn.Module:
+def build_text_tower(model_cfg: dict, dtype=torch.float32) -> torch.nn.Module:
     """The text tower of an open_clip model config, without its projection."""
     from open_clip.model import CLIPTextCfg, _build_text_tower
 
@@ -237,7 +238,7 @@ def _text_state(weights_path: str) -> dict[str, torch.Tensor]:
 
 
 def _load_tower(model_cfg: dict, weights_path: str, dtype) -> torch.nn.Module:
-    tower = _build_tower(model_cfg, dtype)
+    tower = build_text_tower(model_cfg, dtype)
     tower.load_state_dict(_text_state(weights_path), strict=True)
     return tower
 
@@ -267,7 +268,7 @@ def _tiny_tower(seed: int = TINY_SEED) -> torch.nn.Module:
     # Own RNG state: the same weights in every process, whatever the caller seeded.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_tower(TINY_MODEL_CFG, torch.float32)
+        return build_text_tower(TINY_MODEL_CFG, torch.float32)
 
 
 def save_tiny_text_encoder(folder, seed: int = TINY_SEED) -> str:

@@ -199,11 +199,15 @@ class Generator:
         return [self.cfg.seed + start + i for i in range(n)]
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], start: int = 0) -> np.ndarray:
-        """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i (one batch, any size)."""
+    def sample(self, prompts: Sequence[str], start: int = 0, seeds: Sequence[int] | None = None) -> np.ndarray:
+        """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i, or seeds[i] (one batch)."""
         from model.sampler import HeunSampler, make_noise
 
-        noise = torch.cat([make_noise((1, *self.latent_shape), s) for s in self.seeds(start, len(prompts))])
+        seeds = list(seeds) if seeds is not None else self.seeds(start, len(prompts))
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        # Noise per image on the CPU generator: the same picture whatever the batch or device.
+        noise = torch.cat([make_noise((1, *self.latent_shape), s) for s in seeds])  # (N, C, h, w)
         caption = self.text.encode(list(prompts)).to(self.device, self.dtype)  # (N, 77, width)
         # guidance 1 is the conditional model itself: skip the unconditional branch.
         guidance = None if self.cfg.guidance == 1.0 else self.cfg.guidance

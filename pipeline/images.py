@@ -30,7 +30,7 @@ class SkipReason(str, Enum):
 
 @dataclass
 class Decoded:
-    """An RGB image (None when skipped), its size after EXIF orientation, and the skip reason if any."""
+    """An RGB image (None when skipped), its upright size (header size when skipped early), and the reason."""
 
     image: Image.Image | None
     reason: SkipReason | None = None

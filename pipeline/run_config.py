@@ -21,8 +21,10 @@ import yaml
 
 from pipeline import configs, storage
 from pipeline.download import DownloadConfig
+from pipeline.evaluate import EvalConfig
+from pipeline.generate import GenerateConfig
 from pipeline.precompute import PrecomputeConfig
-from pipeline.train.config import StageConfig
+from pipeline.train.config import StageConfig, stage_config
 
 
 @dataclass
@@ -35,23 +37,24 @@ class EncodersConfig:
 
 @dataclass
 class SourceConfig:
-    """One dataset: its name (folder names under data/), the adapter that lists or ingests it, its options."""
+    """One dataset: its name (folder names under data/), its adapter kind (pipeline.sources), its options."""
 
     name: str
-    adapter: str
+    kind: str
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class SampleConfig:
-    """The sample grid drawn from the last stage's export (EMA weights when `ema`)."""
+class SampleConfig(GenerateConfig):
+    """The sample grid: fixed prompts drawn from a stage's export (default: the last stage) by generate()."""
 
     prompts: list[str] = field(default_factory=list)
-    guidance: float = 5.0
-    steps: int = 30
-    seed: int = 0
-    per_prompt: int = 1
-    ema: bool = True
+    stage: str | None = None
+
+    def generate_dict(self) -> dict[str, Any]:
+        """The GenerateConfig part, as a plain dict."""
+        names = {f.name for f in dataclasses.fields(GenerateConfig)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in names}
 
 
 @dataclass
@@ -68,8 +71,7 @@ class RunConfig:
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     stages: list[StageConfig] = field(default_factory=list)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    evaluate: dict[str, Any] | None = None
-    report: dict[str, Any] | None = None
+    evaluate: EvalConfig | None = None
 
     # ---- layout under the storage root (BRIEF: "Storage layout")
     def uri(self, *parts: str) -> str:
@@ -171,35 +173,67 @@ def _list_index(items: list, key: str, where: str) -> int:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                 storage_base: str | None = None) -> RunConfig:
-    """Read a recipe YAML, apply overrides, build and check the RunConfig (relative storage -> absolute path)."""
+    """Read a recipe YAML, apply overrides, build and check the RunConfig (relative storage -> absolute path).
+
+    `stages:` is a list of stage dicts, or the name of a stage-list YAML (pipeline.train.load_stages format)
+    relative to the recipe; overrides apply after that file is read.
+    """
     data = configs.load_yaml(path)
+    if isinstance(data.get("stages"), str):
+        stages_file = Path(path).parent / data["stages"]
+        stages = configs.load_yaml(stages_file)
+        if set(stages) != {"stages"} or not isinstance(stages["stages"], list):
+            raise ValueError(f"{str(stages_file)!r}: expected a mapping with only a `stages:` list")
+        data["stages"] = stages["stages"]
     for text in overrides or ():
         apply_override(data, text)
-    cfg = configs.from_dict(RunConfig, data, where=f"recipe {Path(path).name}")
+    return from_recipe_dict(data, where=f"recipe {Path(path).name}", storage_base=storage_base)
+
+
+def from_recipe_dict(data: dict[str, Any], where: str = "recipe", storage_base: str | None = None) -> RunConfig:
+    """A checked RunConfig from the plain recipe dict (what load_recipe reads, or a saved config.json)."""
+    data = dict(data)
+    stages = data.pop("stages", None) or []
+    if not isinstance(stages, list):
+        raise ValueError(f"{where}: `stages` must be a list of stages, got {type(stages).__name__}")
+    for key in ("vae", "text_encoder"):
+        given = (data.get("precompute") or {}).get(key)
+        wanted = (data.get("encoders") or {}).get("vae" if key == "vae" else "text")
+        if given is not None and wanted is not None and given != wanted:
+            raise ValueError(f"{where}: precompute.{key}={given!r} contradicts encoders ({wanted!r}); "
+                             "set the encoders section only")
+    cfg = configs.from_dict(RunConfig, data, where=where)
+    cfg.stages = [stage_config(s) for s in stages]
     return resolve(cfg, storage_base)
 
 
 def resolve(cfg: RunConfig, storage_base: str | None = None) -> RunConfig:
-    """Check cross-section invariants and make a local storage root absolute."""
+    """Check cross-section invariants, fill derived settings and make a local storage root absolute."""
+    from pipeline import sources
+
     if not storage.is_s3(cfg.storage):
         cfg.storage = str((Path(storage_base or os.getcwd()) / cfg.storage).resolve())
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"stages need unique names and at least one stage; got {names}")
-    sources = [s.name for s in cfg.sources]
-    if len(set(sources)) != len(sources) or not sources:
-        raise ValueError(f"sources need unique names and at least one source; got {sources}")
     reserved = {"download", "precompute", "sample", "evaluate", "report", "all"}
     if reserved & set(names):
         raise ValueError(f"stage names {sorted(reserved & set(names))} clash with step names {sorted(reserved)}")
+    for st in cfg.stages:
+        if st.init.stage is not None and st.init.stage not in names[: names.index(st.name)]:
+            raise ValueError(f"stage {st.name!r} starts from {st.init.stage!r}, which is not an earlier stage "
+                             f"of {names}")
+    source_names = [s.name for s in cfg.sources]
+    if len(set(source_names)) != len(source_names) or not source_names:
+        raise ValueError(f"sources need unique names and at least one source; got {source_names}")
+    for src in cfg.sources:
+        sources.get(src.kind)  # unknown kind -> ValueError naming the known ones
+    if cfg.sample.stage is not None and cfg.sample.stage not in names:
+        raise ValueError(f"sample.stage={cfg.sample.stage!r} is not a stage of this recipe {names}")
+    if not cfg.sample.prompts:
+        raise ValueError("sample.prompts is empty: the sample grid needs at least one prompt")
+    cfg.precompute.vae, cfg.precompute.text_encoder = cfg.encoders.vae, cfg.encoders.text
     cfg.model_config()  # unknown preset or model keys fail here, before any work
     return cfg
 
 
-def from_json(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from its saved config.json."""
-    return configs.from_dict(RunConfig, data, where="config.json")
-
-
-def replace(cfg: RunConfig, **changes) -> RunConfig:
-    return dataclasses.replace(cfg, **changes)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {  # saturated and far apart, so a sample's dominant colour names its caption
@@ -101,6 +102,12 @@ def render(spec: ShapeSpec, width: int, height: int | None = None) -> Image.Imag
     else:  # triangle pointing up
         draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
     return im.resize((width, height), Image.BOX) if ss > 1 else im
+
+
+def render_array(spec: ShapeSpec, size: int) -> np.ndarray:
+    """`spec` as a (3, size, size) float32 array in [-1, 1], the layout of preprocessed and decoded samples."""
+    a = np.asarray(render(spec, size), dtype=np.float32)  # (H, W, 3) in 0..255
+    return np.ascontiguousarray((a / 127.5 - 1.0).transpose(2, 0, 1))
 
 
 # ------------------------------------------------------------------------------------------ dataset

@@ -192,3 +192,25 @@ def test_caption_dropout_rate_and_rows():
     assert (drop_captions(cap[:10], 1.0) == 0).all()
     with pytest.raises(ValueError, match="1.5"):
         drop_captions(cap, 1.5)
+
+
+def test_masked_loss_on_microdit_debug_matches_reference():
+    from model.config import model_config
+    from model.microdit import MicroDiT
+
+    torch.manual_seed(4)
+    cfg = model_config("MicroDiT_Debug")
+    net = MicroDiT(cfg)
+    with torch.no_grad():  # the final layer starts at zero; give it an output so the test can fail
+        for p in net.final_layer.parameters():
+            p.normal_(0, 0.02)
+    x0 = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    cap = torch.randn(2, cfg.caption_len, cfg.caption_dim)
+    sigma, noise = torch.tensor([0.3, 4.0]), torch.randn_like(x0)
+    loss, per = edm_loss(net, x0, cap, EDMConfig(), mask_ratio=0.75, generator=torch.Generator().manual_seed(9),
+                         sigma=sigma, noise=noise)
+    ref, ref_per = _reference_masked_loss(net, x0, cap, sigma, noise, 0.75, 9, patch=cfg.patch_size)
+    assert loss.item() == pytest.approx(ref, rel=1e-4)
+    torch.testing.assert_close(per, torch.tensor(ref_per), rtol=1e-4, atol=0)
+    unmasked, _ = edm_loss(net, x0, cap, EDMConfig(), sigma=sigma, noise=noise)
+    assert unmasked.item() != pytest.approx(loss.item(), rel=1e-3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model.encoders import (
-    CONFIG_NAME, WEIGHTS_NAME, load_text_encoder, load_vae, save_tiny_text_encoder, save_tiny_vae,
+    CONFIG_NAME, WEIGHTS_NAME, build_text_tower, load_text_encoder, load_vae, save_tiny_text_encoder, save_tiny_vae,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +196,34 @@ def test_full_open_clip_checkpoint_matches_open_clip_encode_text(tmp_path):
     with torch.no_grad():
         ref = clip.encode_text(tokens)
     assert torch.allclose(pooled, ref, atol=1e-5)
+
+
+def test_custom_text_clip_prefixed_checkpoint_loads(tiny_text, tmp_path):
+    """CustomTextCLIP checkpoints keep the tower under "text."; other towers' keys are ignored."""
+    from safetensors.torch import save_file
+
+    state = {"text." + k: v.contiguous() for k, v in tiny_text.tower.state_dict().items()}
+    state["text.text_projection"] = torch.zeros(64, 64)
+    state["visual.proj"] = torch.zeros(2, 2)
+    (tmp_path / "custom").mkdir()
+    save_file(state, str(tmp_path / "custom" / WEIGHTS_NAME))
+    cfg = {"model_cfg": {"embed_dim": 64, "custom_text": True, "text_cfg": {"width": 64, "heads": 4, "layers": 2}}}
+    (tmp_path / "custom" / CONFIG_NAME).write_text(json.dumps(cfg))
+    assert torch.equal(load_text_encoder(str(tmp_path / "custom")).encode(CAPTIONS), tiny_text.encode(CAPTIONS))
+
+
+def test_dfn5b_text_tower_architecture():
+    """The real tower from open_clip's bundled ViT-H-14-378-quickgelu config (DFN5B's), built on meta: width 1024,
+    24 layers, QuickGELU, 352,984,064 parameters (354,032,640 with the projection we leave out)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config("ViT-H-14-378-quickgelu")
+    with torch.device("meta"):
+        tower = build_text_tower(cfg)
+    assert (tower.width, tower.context_length, len(tower.transformer.resblocks)) == (1024, 77, 24)
+    assert tower.text_projection is None
+    assert sum(p.numel() for p in tower.parameters()) == 352_984_064
+    assert type(tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
 
 
 def test_count_tokens_and_truncation(tiny_text):

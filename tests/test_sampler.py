@@ -138,3 +138,24 @@ def test_manual_step_loop_equals_sample():
     torch.testing.assert_close(x.float(), sampler.sample(gaussian_denoiser, noise, cap, guidance=None))
     with pytest.raises(ValueError, match="step index"):
         sampler.step(gaussian_denoiser, 5, x, cap)
+
+
+def test_sampler_drives_microdit_debug():
+    from model.config import model_config
+    from model.microdit import MicroDiT
+
+    torch.manual_seed(0)
+    cfg = model_config("MicroDiT_Debug")
+    net = MicroDiT(cfg).eval()
+    with torch.no_grad():  # non-zero output layer so guidance changes the result
+        for p in net.final_layer.parameters():
+            p.normal_(0, 0.05)
+    shape = (2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    cap = torch.randn(2, cfg.caption_len, cfg.caption_dim)
+    sampler = HeunSampler(steps=3)
+    a = sampler.sample(net, make_noise(shape, seed=0), cap, guidance=3.0)
+    b = sampler.sample(net, make_noise(shape, seed=0), cap, guidance=3.0)
+    c = sampler.sample(net, make_noise(shape, seed=0), cap, guidance=None)
+    assert a.shape == shape and a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-4

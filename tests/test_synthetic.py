@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import socket
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ from PIL import Image
 from pipeline.images import SkipReason, decode_image, prepare
 from pipeline.synthetic import (
     BACKGROUNDS, BAD_KINDS, COLOURS, ShapeSpec, all_specs, load_synthetic_dataset, parse_caption, render,
-    serve_folder, write_synthetic_dataset,
+    render_array, serve_folder, write_synthetic_dataset,
 )
 
 
@@ -44,6 +45,19 @@ def test_render_places_colour_shape_and_background():
     assert tuple(a[2, 2]) == BACKGROUNDS["black"] and tuple(a[73, 73]) == BACKGROUNDS["black"]
     assert tuple(a[27, 73]) == BACKGROUNDS["black"] and tuple(a[73, 27]) == BACKGROUNDS["black"]
     assert np.array_equal(a, np.asarray(render(spec, 100)))  # pure
+
+
+def test_render_array_matches_preprocessed_render():
+    spec = ShapeSpec("orange", "triangle", "gray", "center", "large")
+    a = render_array(spec, 32)
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32
+    assert np.array_equal(a, prepare(png_bytes(render(spec, 32)), [32]).arrays[32])
+
+
+def png_bytes(im):
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def test_shapes_differ_and_sizes_scale():

@@ -288,10 +288,11 @@ def _run_task(task: ArchiveTask, out_folder: str, policy: IngestConfig, source: 
 
 
 def ingest(tasks: list[ArchiveTask], out_folder: str, policy: IngestConfig, source: str,
-           extra_report: dict | None = None) -> dict:
+           extra_report: dict | None = None, finalize=None) -> dict:
     """Ingest archives into shards (one per archive), resumably; write _report.json then _SUCCESS; return report.
 
-    A rerun skips complete shards; with _SUCCESS present it returns the stored report at once.
+    A rerun skips complete shards; with _SUCCESS present it returns the stored report at once. `finalize(report)`
+    runs after the shards and before the marker (for side outputs) and may return more report fields.
     """
     if storage.exists(storage.join(out_folder, SUCCESS)):
         return storage.read_json(storage.join(out_folder, REPORT))
@@ -321,6 +322,8 @@ def ingest(tasks: list[ArchiveTask], out_folder: str, policy: IngestConfig, sour
     report = summarize(out_folder)
     report.update({"source": source, "archives": len(tasks), "seconds": round(time.time() - start, 3)})
     report.update(extra_report or {})
+    if finalize is not None:
+        report.update(finalize(report) or {})
     storage.write_json(storage.join(out_folder, REPORT), report)
     storage.write_bytes(storage.join(out_folder, SUCCESS), b"")
     return report

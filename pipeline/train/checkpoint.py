@@ -8,7 +8,6 @@ a damaged checkpoint never turns into a silent fresh start.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -216,9 +215,3 @@ def load_weights(uri: str) -> dict[str, torch.Tensor]:
         return load(data)
     except Exception as e:
         raise ValueError(f"weights file {uri!r} is not a readable safetensors file: {e}") from e
-
-
-def rng_bytes() -> bytes:
-    buf = io.BytesIO()
-    torch.save(torch.get_rng_state(), buf)
-    return buf.getvalue()

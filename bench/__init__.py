@@ -1,0 +1,1 @@
+"""Benchmarks run as scripts (`python -m bench.<name>`); each reports ratios against a baseline measured in the same run."""

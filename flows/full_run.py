@@ -1,0 +1,127 @@
+"""The `microdit` flow, deployment `full-run`: download -> precompute -> stages -> sample grid -> evaluate -> report.
+
+The flow only sequences tasks (flows/tasks.py). Every task is cached on its config, inputs and code version,
+so a rerun skips what finished and continues the step that was interrupted. `force` reruns finished steps:
+the named step's output is deleted and its cache refreshed, and so is every step after it (their inputs
+changed even though their URIs did not).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows import tasks
+from flows.caching import code_version
+from pipeline import storage
+from pipeline.run_config import RunConfig, load_recipe
+
+FLOW = "microdit"
+FULL_RUN = "full-run"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_recipe(path: str) -> str:
+    """The recipe file: as given (absolute or relative to the working directory), else relative to the repo."""
+    for p in (Path(path), REPO / path):
+        if p.is_file():
+            return str(p.resolve())
+    raise FileNotFoundError(f"recipe {path!r} not found in {os.getcwd()} or {REPO}")
+
+
+def step_order(cfg: RunConfig) -> list[str]:
+    steps = ["download", "precompute", *[s.name for s in cfg.stages], "sample"]
+    if cfg.evaluate is not None:
+        steps.append("evaluate")
+    return steps
+
+
+def expand_force(cfg: RunConfig, force: list[str] | None) -> set[str]:
+    """The steps to rerun: each named step and every step after it ('all': every step)."""
+    order = step_order(cfg)
+    force = list(force or [])
+    unknown = sorted(set(force) - set(order) - {"all"})
+    if unknown:
+        raise ValueError(f"cannot force unknown step(s) {unknown}; steps are {order} (or 'all')")
+    if not force:
+        return set()
+    first = 0 if "all" in force else min(order.index(f) for f in force)
+    return set(order[first:])
+
+
+def ray_address_of(cfg: RunConfig) -> str | None:
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def run_step(t, name: str, forced: set[str], clear: list[str], **kwargs):
+    """Call task `t`; when forced, delete its outputs first and bypass (and refresh) its cache entry."""
+    if name in forced:
+        for uri in clear:
+            storage.delete(uri)
+        t = t.with_options(refresh_cache=True)
+    return t(**kwargs)
+
+
+def download_and_precompute(cfg: RunConfig, forced: set[str]) -> dict[str, str]:
+    """Every source downloaded and encoded; returns source -> latents URI."""
+    ray_address = ray_address_of(cfg)
+    precompute = tasks.plain(cfg.precompute)
+    latents = {}
+    for src in cfg.sources:
+        shards = run_step(tasks.download_task, "download", forced, [cfg.shards_uri(src.name),
+                                                                    cfg.url_list_uri(src.name)],
+                          source=tasks.plain(src), download=tasks.plain(cfg.download),
+                          url_list_uri=cfg.url_list_uri(src.name), shards_uri=cfg.shards_uri(src.name),
+                          code=code_version("download"))
+        latents[src.name] = run_step(
+            tasks.precompute_task, "precompute", forced, [cfg.latents_uri(src.name)], source=src.name,
+            shards_uri=shards, latents_uri=cfg.latents_uri(src.name), precompute={**precompute, "source": src.name},
+            code=code_version("precompute"), ray_address=ray_address)
+    return latents
+
+
+def train(cfg: RunConfig, stage: str, latents: dict[str, str], forced: set[str]) -> str:
+    return run_step(tasks.train_task, stage, forced, [cfg.stage_uri(stage)], stage=tasks.plain(cfg.stage(stage)),
+                    model=dict(cfg.model), root=cfg.storage, latents=latents, vae=cfg.encoders.vae,
+                    code=code_version("train"), ray_address=ray_address_of(cfg))
+
+
+def sample(cfg: RunConfig, export: str, out_uri: str, forced: set[str], name: str = "sample") -> str:
+    return run_step(tasks.sample_task, name, forced, [out_uri], weights_uri=export,
+                    prompts=list(cfg.sample.prompts), out_uri=out_uri, generate=cfg.sample.generate_dict(),
+                    vae=cfg.encoders.vae, text=cfg.encoders.text, code=code_version("sample"))
+
+
+@flow(name=FLOW, log_prints=True)
+def full_run(recipe: str = "recipes/tiny.yaml", overrides: list[str] | None = None,
+             force: list[str] | None = None) -> dict[str, str]:
+    """Run a recipe end to end; returns the URIs of what each step wrote.
+
+    recipe: recipe YAML (absolute, relative to the serving directory, or to the repository).
+    overrides: `path=value` changes to the recipe, e.g. `stages.stage1.steps=10` (see pipeline/run_config.py).
+    force: steps to rerun although finished (and every step after them): download, precompute, a stage
+    name, sample, evaluate, or all.
+    """
+    log = get_run_logger()
+    cfg = load_recipe(resolve_recipe(recipe), overrides or [])
+    forced = expand_force(cfg, force)
+    storage.write_json(cfg.config_uri(), cfg.to_dict())
+    log.info("run %r under %s; Ray at %s; forced steps: %s", cfg.name, cfg.storage,
+             ray_address_of(cfg) or "a new local head", sorted(forced) or "none")
+
+    out = {"config": cfg.config_uri()}
+    latents = download_and_precompute(cfg, forced)
+    out.update({f"latents/{k}": v for k, v in latents.items()})
+    export = None
+    for st in cfg.stages:
+        export = out[f"export/{st.name}"] = train(cfg, st.name, latents, forced)
+    final = cfg.export_uri(cfg.sample.stage) if cfg.sample.stage else export
+    out["sample_grid"] = sample(cfg, final, cfg.samples_uri(), forced)
+    if cfg.evaluate is not None:
+        out["metrics"] = run_step(tasks.evaluate_task, "evaluate", forced, [cfg.eval_uri()], weights_uri=final,
+                                  root=cfg.storage, evaluate=tasks.plain(cfg.evaluate), vae=cfg.encoders.vae,
+                                  text=cfg.encoders.text, code=code_version("evaluate"))
+    for key, uri in out.items():
+        log.info("%-22s %s", key, uri)
+    return out

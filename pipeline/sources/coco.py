@@ -1,0 +1,97 @@
+"""COCO-2014 val (evaluation) -> webdataset shards of the real images + the eval caption list.
+
+Assumed layout (cocodataset.org): `annotations/captions_val2014.json` = {"images": [{id, file_name, coco_url,
+width, height, ...}], "annotations": [{id, image_id, caption}]} (about 5 captions per image) and the images in
+`val2014/` or `val2014.zip` (`COCO_val2014_<id:012d>.jpg`).
+Eval captions: one per image, the annotation with the lowest id (deterministic, independent of file order),
+newlines removed. An optional subset (`max_images`) is a seeded sample of image ids, sorted. The caption list goes
+to `{out}/_eval_captions.parquet` (image_id, file_name, url, width, height, caption, key); `key` is the image's
+key in the shards, or null where the size policy dropped it, so FID/CLIP-score code can pair them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.sources.archives import chunk_tasks, read_listed_images
+from pipeline.sources.shards import IngestConfig, done_shards, ingest, shard_name
+
+OUTPUT = "shards"
+EVAL_CAPTIONS = "_eval_captions.parquet"
+
+
+@dataclass
+class COCOConfig:
+    """captions_val2014.json, the val2014 folder or zip, an optional seeded subset, size policy."""
+
+    annotations: str
+    images: str
+    max_images: int | None = None
+    seed: int = 0
+    images_per_shard: int = 5000
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+
+def eval_captions(annotations: str, max_images: int | None = None, seed: int = 0) -> pa.Table:
+    """One caption per image (lowest annotation id), image_id order; a seeded subset if max_images is set."""
+    if not storage.exists(annotations):
+        raise FileNotFoundError(f"COCO annotations {annotations!r} do not exist")
+    doc = storage.read_json(annotations)
+    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
+        raise ValueError(f"{annotations!r}: expected COCO captions json with 'images' and 'annotations'; keys "
+                         f"{sorted(doc) if isinstance(doc, dict) else type(doc).__name__}")
+    first: dict[int, tuple[int, str]] = {}
+    for a in doc["annotations"]:
+        cur = first.get(a["image_id"])
+        if cur is None or a["id"] < cur[0]:
+            first[a["image_id"]] = (a["id"], " ".join(a["caption"].split()))
+    images = sorted((im for im in doc["images"] if im["id"] in first), key=lambda im: im["id"])
+    if max_images is not None and max_images < len(images):
+        images = sorted(random.Random(seed).sample(images, max_images), key=lambda im: im["id"])
+    return pa.table({
+        "image_id": pa.array([im["id"] for im in images], pa.int64()),
+        "file_name": [im["file_name"] for im in images],
+        "url": [im.get("coco_url") for im in images],
+        "width": pa.array([im.get("width") for im in images], pa.int32()),
+        "height": pa.array([im.get("height") for im in images], pa.int32()),
+        "caption": [first[im["id"]][1] for im in images],
+    })
+
+
+def run(cfg: COCOConfig, out_uri: str) -> dict:
+    """Ingest the (subset of) val2014 images into shards at out_uri and write the eval caption list beside them."""
+    caps = eval_captions(cfg.annotations, cfg.max_images, cfg.seed)
+    if caps.num_rows == 0:
+        raise ValueError(f"{cfg.annotations!r} has no captioned images")
+    if not storage.exists(cfg.images):
+        raise FileNotFoundError(f"COCO images {cfg.images!r} do not exist (expected val2014/ or val2014.zip)")
+    items = [(f, c, {"image_id": i}) for f, c, i in
+             zip(caps["file_name"].to_pylist(), caps["caption"].to_pylist(), caps["image_id"].to_pylist())]
+
+    def finalize(report: dict) -> dict:
+        keys = _keys_by_image_id(out_uri)
+        table = caps.append_column("key", pa.array([keys.get(i) for i in caps["image_id"].to_pylist()], pa.string()))
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes(storage.join(out_uri, EVAL_CAPTIONS), buf.getvalue())
+        return {"eval_captions": caps.num_rows, "eval_captions_uri": storage.join(out_uri, EVAL_CAPTIONS)}
+
+    tasks = chunk_tasks(items, cfg.images_per_shard, cfg.images, read_listed_images)
+    return ingest(tasks, out_uri, cfg.ingest, "coco2014_val", {"images_selected": caps.num_rows}, finalize)
+
+
+def _keys_by_image_id(out_uri: str) -> dict[int, str]:
+    keys = {}
+    for sid in sorted(done_shards(out_uri)):
+        fs, path = storage.filesystem(storage.join(out_uri, shard_name(sid) + ".parquet"))
+        t = pq.read_table(path, filesystem=fs, columns=["key", "status", "extra"])
+        for key, st, extra in zip(t["key"].to_pylist(), t["status"].to_pylist(), t["extra"].to_pylist()):
+            if st == "success":
+                keys[json.loads(extra)["image_id"]] = key
+    return keys

@@ -1,0 +1,64 @@
+"""Sample grids during training: fixed prompts, EMA weights, Heun + CFG, a PNG under {stage}/samples/."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage
+
+
+@torch.no_grad()
+def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, *, steps: int, guidance: float,
+                   sigma_data: float, seed: int) -> torch.Tensor:
+    """Latents (K, C, H, W) drawn with the EMA weights (swapped in, then back); run on every rank (FSDP)."""
+    from model.sampler import HeunSampler, make_noise
+
+    device = captions.device
+    backup = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema.copy_to(model)
+    try:
+        noise = make_noise((captions.shape[0], *latent_shape), seed, device=device)
+        return HeunSampler(steps=steps).sample(model, noise, captions, guidance=guidance, sigma_data=sigma_data)
+    finally:
+        for n, p in model.named_parameters():
+            p.copy_(backup[n])
+
+
+def to_pixels(latents: torch.Tensor, vae_spec: str | None) -> np.ndarray:
+    """(K, 3, H, W) uint8 pictures: decoded with the VAE when given, else the first 3 channels, normalised."""
+    if vae_spec:
+        from model.encoders import load_vae
+
+        x = load_vae(vae_spec).decode(latents.float().cpu())  # (K, 3, H*f, W*f) in [-1, 1]
+    else:
+        x = latents[:, :3].float().cpu()
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def grid_png(pixels: np.ndarray, columns: int = 4) -> bytes:
+    """PNG bytes of (K, 3, H, W) uint8 pictures laid out in rows of `columns`."""
+    from PIL import Image
+
+    k, _, h, w = pixels.shape
+    cols = min(columns, k)
+    rows = (k + cols - 1) // cols
+    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i in range(k):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = pixels[i].transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_grid(stage_uri: str, step: int, latents: torch.Tensor, vae_spec: str | None) -> str:
+    """Write samples/step_<step>.png; returns its URI."""
+    uri = storage.join(stage_uri, "samples", f"step_{step:09d}.png")
+    storage.write_bytes(uri, grid_png(to_pixels(latents, vae_spec)))
+    return uri
