@@ -63,6 +63,36 @@ class PeakMemory:
         return False
 
 
+class SavedActivations:
+    """Bytes of distinct tensor storages autograd saves for backward, leaving out the given tensors (weights).
+
+    Exact and load-independent, unlike the CPU peak RSS; not available under torch.compile.
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.exclude:
+            self.storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / MIB
+
+
 def _proc_status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -118,10 +148,10 @@ def measure_training(cfg, batch: int, mask_ratios: list[float], device: torch.de
     caption = torch.randn(batch, cfg.caption_len, cfg.caption_dim, device=device, generator=gen)
     edm = EDMConfig()
 
-    def step(comp: bool, ratio: float) -> None:
+    def step(comp: bool, ratio: float, probe=contextlib.nullcontext()) -> None:
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                     else contextlib.nullcontext())
-        with autocast, _sdpa_context(sdpa):
+        with autocast, _sdpa_context(sdpa), probe:
             loss, _ = edm_loss(fns[comp], latents, caption, edm, mask_ratio=ratio, generator=gen)
         loss.backward()
         for p in net.parameters():
@@ -133,11 +163,13 @@ def measure_training(cfg, batch: int, mask_ratios: list[float], device: torch.de
         for _ in range(warmup):  # compile and allocator warm-up
             step(*case)
         _sync(device)
+        saved = None if case[0] else SavedActivations(exclude=list(net.parameters()) + [latents, caption])
         with PeakMemory(device) as mem:
-            step(*case)
+            step(*case, probe=saved or contextlib.nullcontext())
         results[case] = {"mask_ratio": case[1], "compile": case[0], "batch": batch,
                          "params": sum(p.numel() for p in net.parameters()),
                          "peak_mem_mib": None if mem.peak_bytes is None else mem.peak_bytes / MIB,
+                         "saved_activations_mib": None if saved is None else saved.mib,
                          "flops_per_sample": flops_per_sample(cfg, case[1]), "times": []}
     for _ in range(iters):
         for case in cases:
@@ -180,21 +212,26 @@ def measure_moe(cfg, tokens: int, batch: int, device: torch.device) -> dict:
               "onehot_tensor_mib": batch * cfg.num_experts * k * tokens * x.element_size() / MIB}
     outs = {}
     for name, fwd in (("gather", moe), ("onehot", lambda inp: onehot_moe_forward(moe, inp))):
-        fwd(x).sum().backward()  # warm-up
-        x.grad = None
-        moe.zero_grad()
-        _sync(device)
-        with PeakMemory(device) as mem:
-            out = fwd(x)
-            out.sum().backward()
-        outs[name] = out.detach()
-        result[f"{name}_peak_mib"] = None if mem.peak_bytes is None else mem.peak_bytes / MIB
-        x.grad = None
-        moe.zero_grad()
-        del out
+        peaks = []
+        for rep in range(4):  # one warm-up, then the median of three peaks (CPU RSS peaks are noisy)
+            saved = SavedActivations(exclude=list(moe.parameters()) + [x])
+            _sync(device)
+            with PeakMemory(device) as mem:
+                with saved:
+                    out = fwd(x)
+                out.sum().backward()
+            if rep:
+                peaks.append(mem.peak_bytes)
+            outs[name] = out.detach()
+            x.grad = None
+            moe.zero_grad()
+            del out
+        result[f"{name}_peak_mib"] = None if None in peaks else statistics.median(peaks) / MIB
+        result[f"{name}_saved_mib"] = saved.mib
     result["max_abs_diff"] = (outs["gather"] - outs["onehot"]).abs().max().item()
     if result["gather_peak_mib"] and result["onehot_peak_mib"]:
         result["onehot_over_gather"] = result["onehot_peak_mib"] / result["gather_peak_mib"]
+    result["onehot_over_gather_saved"] = result["onehot_saved_mib"] / result["gather_saved_mib"]
     return result
 
 
@@ -212,19 +249,28 @@ def _fmt(v, spec: str = ".1f") -> str:
 def print_report(report: dict) -> None:
     print(f"# {report['preset']} latent {report['resolution_latent']} on {report['device_name']} "
           f"(batch {report['batch']}, torch {report['torch']})")
-    print(f"{'mask':>5} {'compile':>7} {'samples/s':>10} {'step ms':>9} {'peak MiB':>9} "
+    print(f"{'mask':>5} {'compile':>7} {'samples/s':>10} {'step ms':>9} {'peak MiB':>9} {'saved MiB':>9} "
           f"{'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>7}")
     for r in report["training"]:
         print(f"{r['mask_ratio']:>5.2f} {str(r['compile']):>7} {r['samples_per_s']:>10.2f} {r['step_ms']:>9.1f} "
-              f"{_fmt(r['peak_mem_mib']):>9} {r['flops_per_sample'] / 1e9:>13.3f} "
+              f"{_fmt(r['peak_mem_mib']):>9} {_fmt(r['saved_activations_mib']):>9} "
+              f"{r['flops_per_sample'] / 1e9:>13.3f} "
               f"{r['achieved_flops'] / 1e12:>8.3f} {_fmt(r['mfu'], '.2%'):>7}")
     for key, ratio in report["masked_speedup"].items():
         print(f"masked {report['mask_ratio']} vs unmasked samples/s ({key}): {ratio:.2f}x")
-    m = report["moe"]
+    for m in report["moe"]:
+        _print_moe(m)
+
+
+def _print_moe(m: dict) -> None:
     print(f"# MoE layer at {m['tokens']} tokens (batch {m['batch']}, dim {m['dim']}, hidden {m['hidden']}, "
-          f"E {m['experts']}, k {m['k']}): gather/scatter {_fmt(m['gather_peak_mib'])} MiB, "
-          f"one-hot {_fmt(m['onehot_peak_mib'])} MiB (one-hot tensor alone {m['onehot_tensor_mib']:.1f} MiB), "
-          f"ratio {_fmt(m.get('onehot_over_gather'), '.2f')}x, outputs differ by {m['max_abs_diff']:.2e}")
+          f"E {m['experts']}, k {m['k']}), forward + backward:")
+    print(f"  peak memory   gather/scatter {_fmt(m['gather_peak_mib']):>8} MiB   one-hot {_fmt(m['onehot_peak_mib']):>8} MiB"
+          f"   ratio {_fmt(m.get('onehot_over_gather'), '.2f')}x")
+    print(f"  saved for bwd gather/scatter {m['gather_saved_mib']:>8.1f} MiB   one-hot {m['onehot_saved_mib']:>8.1f} MiB"
+          f"   ratio {m['onehot_over_gather_saved']:.2f}x")
+    print(f"  the (N, E, k, T) one-hot tensor alone: {m['onehot_tensor_mib']:.1f} MiB; "
+          f"outputs differ by {m['max_abs_diff']:.2e}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -241,7 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "cudnn", "math"], default=None,
                    help="attention kernel (default: flash on CUDA, auto on CPU)")
     p.add_argument("--peak-flops", type=float, default=989e12, help="peak bf16 FLOP/s for MFU (H100 SXM dense)")
-    p.add_argument("--moe-tokens", type=int, default=1024)
+    p.add_argument("--moe-tokens", type=int, nargs="+", default=[1024], help="token counts for the MoE memory table")
     p.add_argument("--moe-batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -277,7 +323,7 @@ def main(argv=None) -> dict:
         "device_name": _device_name(device), "torch": torch.__version__, "peak_flops": args.peak_flops,
         "params": training[0]["params"],
         "training": training, "masked_speedup": speedup,
-        "moe": measure_moe(cfg, args.moe_tokens, args.moe_batch, device),
+        "moe": [measure_moe(cfg, t, args.moe_batch, device) for t in args.moe_tokens],
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     print_report(report)

@@ -50,7 +50,35 @@ OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dat
 # Column names img2dataset reserves for its own metadata (plus ours): never passed as extra columns.
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
             "error_message", "exif", "md5", "sha256", "sha512", "row_id"}
-_RUNNER = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
+# Child process: img2dataset 1.47's download() with two of its module globals swapped. Its logger process only
+# prints speed stats (we log progress from the stats files), and with one process its spawn pool only adds another
+# interpreter start and import; the Downloader, Reader and writers are img2dataset's own.
+_RUNNER = """
+import ctypes, json, signal, sys
+try:  # die with the parent (PR_SET_PDEATHSIG), so a killed step leaves no download running
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+except OSError:
+    pass
+import img2dataset
+from img2dataset.distributor import retrier
+m = sys.modules["img2dataset.main"]  # the package's `main` attribute is the CLI function, not the module
+
+class NoLogger:
+    def __init__(self, *args, **kwargs): pass
+    def start(self): pass
+    def join(self, timeout=None): pass
+    def terminate(self): pass
+
+def serial(processes_count, downloader, reader, subjob_size, max_shard_retry):
+    run = lambda shards: [row for ok, row in map(downloader, shards) if not ok]
+    retrier(run, run(reader), max_shard_retry)
+
+kwargs = json.loads(sys.argv[1])
+m.LoggerProcess = NoLogger
+if kwargs["processes_count"] == 1:
+    m.multiprocessing_distributor = serial
+m.download(**kwargs)
+"""
 
 
 @dataclass
@@ -176,16 +204,6 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str, out_folder: str, 
     )
 
 
-def _die_with_parent() -> None:  # runs in the child before exec
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _run_img2dataset(kwargs: dict, log_path: str, n_shards: int, what: str, interval: float) -> None:
     """Run img2dataset in a child process, logging shard progress; RuntimeError (with its log tail) on failure."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true",
@@ -193,7 +211,7 @@ def _run_img2dataset(kwargs: dict, log_path: str, n_shards: int, what: str, inte
     folder = kwargs["output_folder"]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-c", _RUNNER, json.dumps(kwargs)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                                stderr=subprocess.STDOUT, env=env)
         last = time.monotonic()
         try:
             while proc.poll() is None:
@@ -221,6 +239,8 @@ def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None)
         return storage.read_json(storage.join(out_uri, REPORT))
     start = time.time()
     table, counts = normalize_url_list(read_url_list(url_list_uri, cfg.url_col, cfg.caption_col), cfg)
+    if table.num_rows == 0:
+        raise ValueError(f"URL list {url_list_uri!r} has no non-empty URL in column {cfg.url_col!r}")
     extras = [c for c in table.column_names if c not in ("url", "caption", "row_id")]
     n_main = math.ceil(table.num_rows / cfg.number_sample_per_shard)
 

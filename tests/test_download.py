@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.download import DownloadConfig, download, normalize_url_list, read_url_list
 from pipeline.sources.shards import failure_reason, is_retryable, read_shard_tar
-from pipeline.synthetic import load_synthetic_dataset, serve_folder, write_synthetic_dataset
+from pipeline.synthetic import serve_folder, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MIN, MAX = 64, 72  # size policy for these tests (the recipe's is 256 / 512)
@@ -69,10 +69,11 @@ def synthetic(tmp_path):
 
 
 class TestServer:
-    """Loopback server over a folder with a per-request delay and files that answer 503 on their first request."""
+    """Loopback server over a folder: opt-out files carry X-Robots-Tag: noai, files in fail_once answer 503 on
+    their first request, and every request can be slowed down."""
 
-    def __init__(self, folder, delay: float = 0.0, fail_once=()):
-        self.fail_once, self.failed, self.delay = set(fail_once), set(), delay
+    def __init__(self, folder, opt_out=(), fail_once=(), delay: float = 0.0):
+        self.opt_out, self.fail_once, self.failed, self.delay = set(opt_out), set(fail_once), set(), delay
         outer = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -87,6 +88,11 @@ class TestServer:
                     return
                 time.sleep(outer.delay)
                 super().do_GET()
+
+            def end_headers(self):
+                if urllib.parse.urlsplit(self.path).path.lstrip("/") in outer.opt_out:
+                    self.send_header("X-Robots-Tag", "noai")
+                super().end_headers()
 
             def log_message(self, *a):
                 pass
@@ -150,44 +156,57 @@ def test_failure_reasons_bucket_img2dataset_messages():
 # ---------------------------------------------------------------------------------- img2dataset runs
 
 @pytest.mark.slow
-def test_download_writes_images_and_counts_failures(tmp_path, synthetic):
+def test_download_counts_failures_honours_opt_out_and_retries(tmp_path, synthetic):
     exp = expected(synthetic)
     assert exp["reasons"].get("opt_out") and exp["reasons"].get("http_404") and exp["reasons"].get("decode_error")
+    flaky = sorted(exp["kept"])[:3]  # answer 503 once, then 200: recovered by the retry pass
     out = str(tmp_path / "shards")
-    with serve_folder(synthetic.folder) as server:  # opt-out entries answer with X-Robots-Tag: noai
+    server = TestServer(synthetic.folder, opt_out=synthetic.opt_out_files, fail_once=flaky)
+    try:
         rows = synthetic.rows(server.url)
         # A CSV list with other column names, an extra column, and a duplicate URL.
         table = pa.table({"image_url": [r["url"] for r in rows] + [rows[0]["url"]],
                           "text": [r["caption"] for r in rows] + ["duplicate"],
                           "origin": [f"syn-{i}" for i in range(len(rows) + 1)]})
         pacsv.write_csv(table, tmp_path / "urls.csv")
-        cfg = small_cfg(url_col="image_url", caption_col="text")
+        cfg = small_cfg(url_col="image_url", caption_col="text", retries=0, retry_rounds=1)
         report = download(str(tmp_path / "urls.csv"), out, cfg)
+    finally:
+        server.close()
 
     got = shard_samples(out)
-    assert {s["file"]: s["caption"] for s in got} == exp["kept"]
-    assert len({s["key"] for s in got}) == len(got)
+    assert {s["file"]: s["caption"] for s in got} == exp["kept"]  # opt-outs, 404s, bad and small images absent
+    assert len({s["key"] for s in got}) == len(got) and len({s["file"] for s in got}) == len(got)
     assert report["images_written"] == len(exp["kept"]) and report["failures_by_reason"] == exp["reasons"]
     assert report["duplicate_urls"] == 1 and report["unique_urls"] == 30
     assert report["images_written"] + report["failed"] == report["unique_urls"]
-    assert report["bytes"] > 0 and report["shards"] == 3
+    assert report["bytes"] > 0 and report["shards"] == 4 and report["main_shards"] == 3
     for s in got:  # size policy: short side kept in [MIN, MAX], aspect ratio kept
         e = next(e for e in synthetic.entries if e.file == s["file"])
         w, h = s["size"]
         assert MIN <= min(w, h) <= MAX
         assert abs(w / h - e.width / e.height) < 0.05
         assert s["meta"]["origin"].startswith("syn-")
-    assert json.loads(Path(out, "_report.json").read_text())["images_written"] == report["images_written"]
+    # Retry pass: the 503s were fetched again into an extra shard (keys rewritten to its id), 404s were not.
+    assert server.failed == set(flaky)
+    assert report["retried"] == 3 and report["recovered_by_retry"] == 3 and report["attempts"] == 33
+    assert {s["key"][:5] for s in got if s["file"] in flaky} == {"00003"}
+    assert json.loads(Path(out, "_report.json").read_text()) == report
     assert Path(out, "_SUCCESS").exists() and not Path(out, "_work").exists()
     # A rerun with _SUCCESS present returns the stored report without downloading (the server is gone).
     assert download(str(tmp_path / "urls.csv"), out, cfg) == report
+    # Killed after the retry shard was committed but before _SUCCESS: a rerun neither retries nor duplicates.
+    os.remove(os.path.join(out, "_SUCCESS"))
+    again = download(str(tmp_path / "urls.csv"), out, cfg)
+    assert again["images_written"] == report["images_written"] and again["attempts"] == 33
+    assert len(shard_samples(out)) == len(got)
 
 
 @pytest.mark.slow
 def test_kill_and_resume_finishes_without_duplicates(tmp_path, synthetic):
     exp = expected(synthetic)
     out = str(tmp_path / "shards")
-    server = TestServer(synthetic.folder, delay=0.25)
+    server = TestServer(synthetic.folder, opt_out=synthetic.opt_out_files, delay=0.25)
     try:
         synthetic.write_url_list(str(tmp_path / "urls.parquet"), server.url)
         code = ("import sys; from pipeline.download import download, DownloadConfig; "
@@ -209,44 +228,10 @@ def test_kill_and_resume_finishes_without_duplicates(tmp_path, synthetic):
     finally:
         server.close()
     got = shard_samples(out)
-    # Opt-out files are served without the header by this server, so they download like any other.
-    kept = dict(exp["kept"], **{e.file: e.caption for e in synthetic.entries
-                                if e.kind == "opt_out" and min(e.width, e.height) >= MIN})
-    assert sorted(s["file"] for s in got) == sorted(kept)
+    assert sorted(s["file"] for s in got) == sorted(exp["kept"])  # same rows as a clean run
     assert len({s["key"] for s in got}) == len(got)
-    assert report["images_written"] == len(kept) and report["attempts"] == 30 and report["shards"] == 6
-
-
-@pytest.mark.slow
-def test_retry_pass_recovers_transient_failures_once(tmp_path, synthetic):
-    exp = expected(synthetic)
-    flaky = sorted(exp["kept"])[:3]
-    server = TestServer(synthetic.folder, fail_once=flaky)
-    out = str(tmp_path / "shards")
-    try:
-        synthetic.write_url_list(str(tmp_path / "urls.parquet"), server.url)
-        report = download(str(tmp_path / "urls.parquet"), out, small_cfg(retries=0, retry_rounds=1))
-    finally:
-        server.close()
-    assert server.failed == set(flaky)
-    got = shard_samples(out)
-    files = Counter(s["file"] for s in got)
-    assert all(files[f] == 1 for f in flaky) and max(files.values()) == 1
-    kept = dict(exp["kept"], **{e.file: e.caption for e in synthetic.entries
-                                if e.kind == "opt_out" and min(e.width, e.height) >= MIN})
-    assert set(files) == set(kept)
-    assert report["retried"] == 3 and report["recovered_by_retry"] == 3 and "http_503" not in report[
-        "failures_by_reason"]
-    assert report["failures_by_reason"]["http_404"] == exp["reasons"]["http_404"]  # 404s are not retried
-    assert report["attempts"] == 33 and report["shards"] == 4
-    retried = [s for s in got if s["file"] in flaky]
-    assert {s["key"][:5] for s in retried} == {"00003"}  # the extra shard, keys rewritten to its id
-
-    # Killed after the retry shard was committed but before _SUCCESS: a rerun neither retries nor duplicates.
-    os.remove(os.path.join(out, "_SUCCESS"))
-    again = download(str(tmp_path / "urls.parquet"), out, small_cfg(retries=0, retry_rounds=1))
-    assert again["images_written"] == report["images_written"] and again["attempts"] == 33
-    assert len(shard_samples(out)) == len(got)
+    assert report["images_written"] == len(exp["kept"]) and report["failures_by_reason"] == exp["reasons"]
+    assert report["attempts"] == 30 and report["shards"] == 6
 
 
 @pytest.mark.slow

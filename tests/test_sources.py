@@ -202,8 +202,8 @@ def test_sa1b_archives_with_llava_captions(tmp_path):
                                                    "annotations": []}).encode())
     (caps / "sa_1.txt").write_text("The image shows a red wall.\n")
     (caps / "sa_3.txt").write_text("A red square.")
-    report = sources.prepare("sa1b", {"archives": str(arch), "captions": str(caps), "ingest": POLICY},
-                             str(tmp_path / "out"))
+    report = sources.prepare("sa1b", {"archives": str(arch), "captions": str(caps),
+                                      "ingest": {**POLICY, "processes": 2}}, str(tmp_path / "out"))
     got = {s["meta"]["image"]: s for s in samples(tmp_path / "out")}
     assert set(got) == {"sa_1", "sa_3"}
     assert got["sa_1"]["caption"] == "The image shows a red wall." and got["sa_1"]["size"] == (96, 64)
@@ -259,6 +259,28 @@ def test_textcaps_local_images_ingested(tmp_path):
     got = samples(tmp_path / "out")
     assert [(s["caption"], s["meta"]["image_id"]) for s in got] == [("a bottle of coca cola", "aaa")]
     assert report["failures_by_reason"] == {"missing_image": 1}
+    # The webdataset library itself reads the shard: key.jpg / key.txt / key.json grouped by key.
+    import webdataset as wds
+
+    (sample,) = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
+    assert sample["__key__"] == got[0]["key"] and sample["txt"] == b"a bottle of coca cola"
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (64, 40)
+
+
+def test_ingest_to_s3(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    ann = tmp_path / "TextCaps_0.1_train.json"
+    _textcaps(ann)
+    imgs = tmp_path / "train_images"
+    imgs.mkdir()
+    (imgs / "aaa.jpg").write_bytes(jpeg(64, 40))
+    (imgs / "bbb.jpg").write_bytes(jpeg(300, 100))
+    out = f"s3://{s3_bucket}/data/shards/textcaps"
+    report = sources.prepare("textcaps_local", {"annotations": str(ann), "images": str(imgs), "ingest": POLICY},
+                             out)
+    assert report["images_written"] == 2 and storage.exists(f"{out}/_SUCCESS")
+    assert sorted((s["meta"]["image_id"], s["size"]) for s in samples(out)) == [("aaa", (64, 40)),
+                                                                                  ("bbb", (192, 64))]
 
 
 # ------------------------------------------------------------------------------------------------ coco

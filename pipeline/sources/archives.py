@@ -59,6 +59,7 @@ def stem(path: str) -> str:
 
 
 def is_file(uri: str) -> bool:
+    """Whether uri is a regular file (not a folder)."""
     fs, path = storage.filesystem(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
 

@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -65,7 +66,7 @@ def _read_part(task: ArchiveTask) -> Iterator[RawSample]:
     fs, path = storage.filesystem(task.params["zip"])
     with fs.open_input_file(path) as f, zipfile.ZipFile(f) as z:
         names = set(z.namelist())
-        for row in task.params["rows"]:
+        for row in task.params["rows"].to_pylist():
             name = row["image_name"]
             extra = {k: row[k] for k in _EXTRA if k in row} | {"image_name": name, "part_id": task.shard_id}
             if name in names:
@@ -96,13 +97,14 @@ def run(cfg: DiffusionDBConfig, out_uri: str) -> dict:
         raise FileNotFoundError(f"no part-NNNNNN.zip archives below {cfg.root!r}")
     present = pc.is_in(kept["part_id"], value_set=pa.array(sorted(parts), kept["part_id"].type))
     rows_absent = kept.num_rows - pc.sum(present).as_py() if kept.num_rows else 0
-    kept = kept.filter(present)
-    by_part: dict[int, list[dict]] = {}
-    for row in kept.to_pylist():
-        by_part.setdefault(int(row["part_id"]), []).append(row)
-    tasks = [ArchiveTask(pid, os.path.basename(parts[pid]), _read_part,
-                         {"zip": parts[pid], "rows": sorted(by_part.get(pid, []), key=lambda r: r["image_name"])})
-             for pid in sorted(parts)]
+    # Rows grouped by part as Arrow slices (14M rows as Python dicts would not fit comfortably in memory).
+    kept = kept.filter(present).sort_by([("part_id", "ascending"), ("image_name", "ascending")])
+    pids = kept["part_id"].to_numpy()
+    tasks = []
+    for pid in sorted(parts):
+        lo, hi = np.searchsorted(pids, pid, "left"), np.searchsorted(pids, pid, "right")
+        tasks.append(ArchiveTask(pid, os.path.basename(parts[pid]), _read_part,
+                                 {"zip": parts[pid], "rows": kept.slice(lo, hi - lo)}))
     extra = {"metadata_rows": t.num_rows, "nsfw_dropped": t.num_rows - t.filter(safe).num_rows,
              "nsfw_threshold": cfg.nsfw_threshold, "nsfw_columns": nsfw, "rows_in_absent_parts": rows_absent}
     return ingest(tasks, out_uri, cfg.ingest, "diffusiondb", extra)

@@ -143,6 +143,7 @@ class RawSample:
 
 
 def shard_name(shard_id: int) -> str:
+    """12 -> '00012' (img2dataset's 5-digit shard names)."""
     return f"{shard_id:05d}"
 
 
@@ -347,6 +348,7 @@ def summarize(folder: str) -> dict:
 
 
 def tar_bytes(folder: str) -> int:
+    """Total size of the .tar files directly in folder."""
     import pyarrow.fs as pafs
 
     fs, path = storage.filesystem(folder)

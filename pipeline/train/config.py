@@ -75,6 +75,7 @@ class StageConfig:
     micro_batch: int = 256  # per worker and forward pass; accumulation = global / (micro x workers)
     num_workers: int = 8
     use_gpu: bool = True
+    cpus_per_worker: float = 1.0  # below 1 on small CPU hosts leaves cores for Ray Data's read tasks
     base_resolution: int = 256  # resolution where pos_interp_scale = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -85,7 +86,8 @@ class StageConfig:
     caption_dropout: float = 0.1
     ema: EMAConfig = field(default_factory=EMAConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; empty: every source, weight 1
+    mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; empty: union, by row count
+    exclude_sources: list[str] = field(default_factory=list)  # e.g. diffusiondb at 512 px (RECIPE.md Data)
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0: off)
     log_every: int = 100
     checkpoint_every: int = 1000
@@ -114,6 +116,8 @@ class StageConfig:
             raise ValueError(f"mask_ratio={self.mask_ratio!r} in stage {self.name!r}: expected [0, 1)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout={self.caption_dropout!r}: expected [0, 1]")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: expected > 0")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r}: expected > 0")
         if self.schedule.kind not in SCHEDULES:

@@ -74,13 +74,31 @@ def dataset_name(source: str, sources: Mapping[str, Any]) -> str:
     return "train" if len(sources) == 1 else f"train_{source}"
 
 
-def mixture_weights(latents: Mapping[str, str], mixture: Mapping[str, float]) -> dict[str, float]:
-    """Normalised weights over the sources used (zero-weight sources dropped)."""
-    unknown = sorted(set(mixture) - set(latents))
-    if unknown:
-        raise ValueError(f"mixture names source(s) {unknown} that have no latents; available: {sorted(latents)}")
-    raw = {s: float(mixture.get(s, 1.0 if not mixture else 0.0)) for s in latents}
-    raw = {s: w for s, w in raw.items() if w > 0}
+def source_rows(uri: str) -> int:
+    """Rows in a source's Parquet files, from their footers."""
+    fs, _ = storage.filesystem(uri)
+    return sum(pq.read_metadata(storage.filesystem(f)[1], filesystem=fs).num_rows for f in parquet_files(uri))
+
+
+def mixture_weights(latents: Mapping[str, str], mixture: Mapping[str, float],
+                    exclude: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
+    """Normalised sampling weights over the sources used.
+
+    Empty `mixture`: the union of all sources not excluded, weighted by their row counts. Otherwise exactly
+    the listed weights (unlisted sources are left out; a listed source without latents is an error unless
+    its weight is 0).
+    """
+    missing = sorted(s for s, w in mixture.items() if s not in latents and w > 0)
+    if missing:
+        raise ValueError(f"mixture names source(s) {missing} that have no latents; available: {sorted(latents)}")
+    if mixture:
+        raw = {s: float(w) for s, w in mixture.items() if s in latents}
+    else:
+        raw = {s: float(source_rows(uri)) for s, uri in latents.items()}
+    raw = {s: w for s, w in raw.items() if w > 0 and s not in set(exclude)}
+    if not raw:
+        raise ValueError(f"no source left to train on: latents {sorted(latents)}, mixture {dict(mixture)}, "
+                         f"exclude_sources {list(exclude)}")
     total = sum(raw.values())
     return {s: w / total for s, w in sorted(raw.items())}
 

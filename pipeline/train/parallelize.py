@@ -61,3 +61,12 @@ def parallelize(model: nn.Module, mesh, *, bf16: bool, compile: bool, activation
     if compile:
         apply_compile(model)
     return apply_fsdp(model, mesh, bf16)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free gathered parameters left by a forward without backward (sampling), so parameters are shards again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
+from pipeline.train.parallelize import reshard_all
 
 
 @torch.no_grad()
@@ -23,6 +24,7 @@ def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, 
         noise = make_noise((captions.shape[0], *latent_shape), seed, device=device)
         return HeunSampler(steps=steps).sample(model, noise, captions, guidance=guidance, sigma_data=sigma_data)
     finally:
+        reshard_all(model)  # forwards without backward leave the last block gathered
         for n, p in model.named_parameters():
             p.copy_(backup[n])
 

@@ -82,13 +82,11 @@ def _latest_checkpoint(run: str) -> str | None:
     snap = storage.join(run, "checkpoint_manager_snapshot.json")
     if storage.exists(snap):
         try:
-            latest = json.loads(storage.read_json(snap)) if isinstance(storage.read_json(snap), str) \
-                else storage.read_json(snap)
-            name = (latest.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-            if name:
-                return storage.join(run, name)
-        except (ValueError, AttributeError):
-            pass
+            name = (storage.read_json(snap).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        except (ValueError, AttributeError):  # an unreadable snapshot: Ray Train itself will say so
+            name = None
+        if name:
+            return storage.join(run, name)
     found = ckpt.checkpoints(run)
     return found[-1][1] if found else None
 
@@ -137,7 +135,7 @@ def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mappi
         log.info("stage %s already exported at %s", stage.name, out)
         return out
     latents = dict(latents) if latents else discover_latents(root)
-    weights = mixture_weights(latents, stage.mixture)
+    weights = mixture_weights(latents, stage.mixture, stage.exclude_sources)
     used = {s: latents[s] for s in weights}
     latent_shape, caption_shape = source_shapes(next(iter(used.values())), stage.resolution)
     model_cfg = stage_model_config(resolve_model_config(model), stage, latent_shape, caption_shape)
@@ -162,7 +160,8 @@ def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mappi
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu),
+        scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu,
+                                     resources_per_worker={"CPU": stage.cpus_per_worker}),
         run_config=RunConfig(
             name=stage.name, storage_path=train_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=stage.max_failures),
