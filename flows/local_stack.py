@@ -144,8 +144,8 @@ def port_free(port: int) -> bool:
 
 
 def pick_port(preferred: int) -> int:
-    """`preferred` if nothing listens there, else a free port the OS picks."""
-    if port_free(preferred):
+    """`preferred` if nothing listens there, else (or for 0) a free port the OS picks."""
+    if preferred and port_free(preferred):
         return preferred
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,7 +215,7 @@ def dashboard_status(url: str) -> int:
         return 0
 
 
-def deployments_ready(stack: Stack, since: float, names=("microdit/full-run", "microdit/stage")) -> bool:
+def deployments_ready(since: float, names=("microdit/full-run", "microdit/stage")) -> bool:
     """Every deployment exists and was polled by a runner after `since` (a UNIX time)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -275,7 +275,7 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
         stack.processes["serve"] = proc
         stack.save()
         log(f"serving deployments microdit/full-run and microdit/stage (log {proc.log})")
-        _with_env(stack, lambda: _wait(lambda: deployments_ready(stack, since), 180, "deployment server", proc))
+        _with_env(stack, lambda: _wait(lambda: deployments_ready(since), 180, "deployment server", proc))
     stack.save()
     return stack
 

@@ -85,7 +85,7 @@ def train_task(stage: dict, model: dict, root: str, latents: dict[str, str], vae
     return train_stage(stage_config(stage), model, root, latents, vae=vae, ray_address=ray_address)
 
 
-@task(name="sample", **_STEP)
+@task(name="sample", task_run_name="sample", **_STEP)
 def sample_task(weights_uri: str, prompts: list[str], out_uri: str, generate: dict, vae: str, text: str,
                 code: str) -> str:
     """Draw the fixed prompts from a stage's export; returns the grid PNG's URI."""
@@ -96,7 +96,7 @@ def sample_task(weights_uri: str, prompts: list[str], out_uri: str, generate: di
     return grids[0] if grids else out_uri
 
 
-@task(name="evaluate", **_STEP)
+@task(name="evaluate", task_run_name="evaluate", **_STEP)
 def evaluate_task(weights_uri: str, root: str, evaluate: dict, vae: str, text: str, code: str) -> str:
     """Measure a stage's export (demo caption match, FID/CLIP on COCO when configured); returns metrics.json."""
     from pipeline.evaluate import EvalConfig, evaluate as run_evaluate

@@ -55,6 +55,7 @@ class EvalConfig:
     fid: bool = True
     inception_weights: str | None = None  # local Inception file; None: torch-fidelity downloads its copy
     fid_antialias: bool = False
+    fid_features: int = 2048  # Inception pool width: 2048 is the standard FID (64/192/768 for quick checks)
     clip: bool = True
     clip_model: str = "ViT-L-14"
     clip_pretrained: str = "openai"  # open_clip tag or a local weights file
@@ -195,9 +196,9 @@ def _coco(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec
     del gen  # free the generator before the metric networks load
     device, out = _device(cfg), {"num_images": len(rows), "samples": folder}
     if cfg.fid:
-        fid = build_fid(2048, cfg.inception_weights, cfg.fid_antialias, device)
-        real_uri = storage.join(eval_uri, f"fid_real_{_key([_key(rows), cfg.resolution, cfg.fid_antialias, cfg.inception_weights])}"
-                                          ".safetensors")
+        fid = build_fid(cfg.fid_features, cfg.inception_weights, cfg.fid_antialias, device)
+        real_key = _key([_key(rows), cfg.resolution, cfg.fid_antialias, cfg.fid_features, cfg.inception_weights])
+        real_uri = storage.join(eval_uri, f"fid_real_{real_key}.safetensors")
         if storage.exists(real_uri):
             load_real_state(fid, real_uri)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def apply_override(data: dict[str, Any], text: str) -> None:
     keys = [k for k in dotted.strip().split(".")]
     if not all(keys):
         raise ValueError(f"override {text!r} has an empty key in {dotted!r}")
-    value = yaml.safe_load(raw)
+    value = parse_value(raw)
     node: Any = data
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
@@ -157,6 +158,17 @@ def apply_override(data: dict[str, Any], text: str) -> None:
                 node = node[key]
         else:
             raise ValueError(f"override {text!r}: {where} is a {type(node).__name__}, not a section or list")
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def parse_value(raw: str) -> Any:
+    """An override value as YAML, except that 1e-5 is a float (YAML 1.1 wants 1.0e-5, a classic surprise)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
 
 
 def _list_index(items: list, key: str, where: str) -> int:

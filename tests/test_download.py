@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.download import DownloadConfig, download, normalize_url_list, read_url_list
 from pipeline.sources.shards import failure_reason, is_retryable, read_shard_tar
-from pipeline.synthetic import serve_folder, write_synthetic_dataset
+from pipeline.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MIN, MAX = 64, 72  # size policy for these tests (the recipe's is 256 / 512)
@@ -74,6 +74,7 @@ class TestServer:
 
     def __init__(self, folder, opt_out=(), fail_once=(), delay: float = 0.0):
         self.opt_out, self.fail_once, self.failed, self.delay = set(opt_out), set(fail_once), set(), delay
+        self.requests: list[str] = []
         outer = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -82,6 +83,7 @@ class TestServer:
 
             def do_GET(self):
                 path = urllib.parse.urlsplit(self.path).path.lstrip("/")
+                outer.requests.append(path)
                 if path in outer.fail_once and path not in outer.failed:
                     outer.failed.add(path)
                     self.send_error(503, "try again later")
@@ -240,13 +242,30 @@ def test_download_to_s3_with_local_staging(tmp_path, synthetic, s3_endpoint, s3_
     exp = expected(synthetic)
     urls = f"s3://{s3_bucket}/data/urls/synthetic.parquet"
     out = f"s3://{s3_bucket}/data/shards/synthetic"
-    with serve_folder(synthetic.folder) as server:
+    cfg = small_cfg(staging_dir=str(tmp_path / "stage"))
+    server = TestServer(synthetic.folder, opt_out=synthetic.opt_out_files)
+    try:
         synthetic.write_url_list(urls, server.url)
-        report = download(urls, out, small_cfg(staging_dir=str(tmp_path / "stage")))
-    assert report["images_written"] == len(exp["kept"]) and report["failures_by_reason"] == exp["reasons"]
-    assert storage.exists(f"{out}/_SUCCESS") and storage.read_json(f"{out}/_report.json") == report
-    names = [u.rsplit("/", 1)[1] for u in storage.list_files(out)]
-    assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
-    assert sum(n.endswith("_stats.json") for n in names) == 3
-    assert {s["file"]: s["caption"] for s in shard_samples(out)} == exp["kept"]
-    assert download(urls, out, small_cfg()) == report
+        report = download(urls, out, cfg)
+        assert report["images_written"] == len(exp["kept"]) and report["failures_by_reason"] == exp["reasons"]
+        assert storage.exists(f"{out}/_SUCCESS") and storage.read_json(f"{out}/_report.json") == report
+        names = [u.rsplit("/", 1)[1] for u in storage.list_files(out)]
+        assert [n for n in names if n.endswith(".tar")] == ["00000.tar", "00001.tar", "00002.tar"]
+        assert sum(n.endswith("_stats.json") for n in names) == 3
+        assert {s["file"]: s["caption"] for s in shard_samples(out)} == exp["kept"]
+        assert download(urls, out, cfg) == report  # _SUCCESS: the stored report
+
+        # Resume on a fresh machine (no staging left) after an upload died before shard 1's stats file:
+        # shard 1 is downloaded again, shards 0 and 2 are not, nothing is duplicated.
+        assert not any(Path(tmp_path / "stage").iterdir())
+        for name in ("_SUCCESS", "00001_stats.json"):
+            storage.delete(f"{out}/{name}")
+        before = {u: storage.read_bytes(u) for u in (f"{out}/00000.tar", f"{out}/00002.tar")}
+        server.requests.clear()
+        again = download(urls, out, cfg)
+    finally:
+        server.close()
+    assert sorted(server.requests) == sorted(e.file for e in synthetic.entries[10:20])  # shard 1's rows only
+    assert again["images_written"] == report["images_written"] and again["attempts"] == 30
+    assert all(storage.read_bytes(u) == b for u, b in before.items())
+    assert sorted(s["file"] for s in shard_samples(out)) == sorted(exp["kept"])

@@ -99,7 +99,7 @@ def inception(tmp_path_factory):
 
 
 def test_inception_from_a_local_file(inception, tmp_path):
-    metric = build_fid(2048, weights_path=inception)
+    metric = build_fid(64, weights_path=inception)  # 64-d pool: the same network, cheap on 2 CPU cores
     real, fake = _images(0, n=3), _images(1, n=3, shift=40)
     update_fid(metric, real, real=True)
     update_fid(metric, fake, real=False)
@@ -108,9 +108,9 @@ def test_inception_from_a_local_file(inception, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save({"x": torch.zeros(1), "obj": TinyFeatures()}, bad)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
-        build_fid(2048, weights_path=str(bad))
+        build_fid(64, weights_path=str(bad))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_fid(2048, weights_path=str(tmp_path / "missing.pth"))
+        build_fid(64, weights_path=str(tmp_path / "missing.pth"))
 
 
 def _tiny_clip():
@@ -214,7 +214,8 @@ def test_evaluate_end_to_end_is_idempotent(tmp_path, inception):
     clip_weights = str(tmp_path / "clip" / "tiny.safetensors")
     save_file({k: v.contiguous() for k, v in _tiny_clip().state_dict().items()}, clip_weights)
 
-    cfg = EvalConfig(coco=coco, num_images=4, resolution=64, steps=2, batch_size=3, inception_weights=inception,
+    cfg = EvalConfig(coco=coco, num_images=4, resolution=64, steps=1, batch_size=3, inception_weights=inception,
+                     fid_features=64,
                      clip_model="TinyCLIP-test", clip_pretrained=clip_weights, demo=True,
                      demo_prompts=demo_prompts()[:3])
     root = str(tmp_path / "run")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -150,7 +149,7 @@ def test_verify_names_truncated_and_altered_files(tmp_path):
         check_model_config(str(good), {"dim": 256})
 
 
-def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path, monkeypatch):
+def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path):
     """One gloo rank: FSDP2 from outside, a step, DCP save, then load into a fresh copy gives the same state."""
     import torch.distributed as dist
 
@@ -161,11 +160,8 @@ def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path, monkeypatch):
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.parallelize import build_mesh, parallelize
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    from tests.conftest import free_port
-
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    store = dist.HashStore()  # in-process rendezvous: no port needed
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         cfg = model_config("MicroDiT_Debug", depth=2, mixer_depth=1)
 
@@ -198,6 +194,5 @@ def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path, monkeypatch):
             assert torch.equal(ema.shadow[n].full_tensor(), ema2.shadow[n].full_tensor()), n
         s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
         assert all(torch.equal(s1[k]["exp_avg"].full_tensor(), s2[k]["exp_avg"].full_tensor()) for k in s1)
-        assert not math.isnan(float(out.sum()))
     finally:
         dist.destroy_process_group()

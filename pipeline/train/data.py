@@ -130,15 +130,18 @@ def fixed_prompts(uri: str, resolution: int, count: int) -> tuple[list[str], np.
     """The first `count` (caption, caption states (count, L, D) float32) with a latent at `resolution`."""
     fs, _ = storage.filesystem(uri)
     captions, states = [], []
+    columns = ["caption", schema.CAPTION_STATES, schema.has_column(resolution)]
     for f in parquet_files(uri):
-        t = pq.read_table(storage.filesystem(f)[1], filesystem=fs,
-                          columns=["caption", schema.CAPTION_STATES, schema.has_column(resolution)])
-        t = t.filter(t.column(schema.has_column(resolution)))
-        take = t.slice(0, count - len(captions))
-        captions += take.column("caption").to_pylist()
-        states.append(schema.read_tensor(take, schema.CAPTION_STATES))
         if len(captions) >= count:
             break
+        with fs.open_input_file(storage.filesystem(f)[1]) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=max(count, 1), columns=columns):
+                t = pa.Table.from_batches([batch])
+                t = t.filter(t.column(schema.has_column(resolution))).slice(0, count - len(captions))
+                captions += t.column("caption").to_pylist()
+                states.append(schema.read_tensor(t, schema.CAPTION_STATES))
+                if len(captions) >= count:
+                    break
     return captions, np.concatenate(states) if states else np.zeros((0,), np.float32)
 
 

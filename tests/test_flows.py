@@ -1,0 +1,207 @@
+"""The `microdit` deployments served by a real process against the fixture Prefect server and Ray head.
+
+One shrunk tiny recipe (few images, a few steps per stage) goes through `prefect deployment run` three times
+and through the `stage` deployment once: a run killed in the middle of stage 1 resumes that stage from its
+checkpoint, a rerun finds every step cached, and the stage deployment retrains one stage from cached latents.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.local_stack import RAY_AUTH
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "tiny.yaml")
+BIN = Path(sys.executable).parent
+STAGE1_STEPS = 12
+# The tiny recipe at its minimum: 48 images, batch 8, a few steps per stage, cheap samplers.
+SHRINK = [
+    "sources.synthetic.options.n=48",
+    "download.number_sample_per_shard=32",
+    "sample.steps=2", "sample.prompts=['a large red circle on a white background, center']",
+    "evaluate.steps=2", "evaluate.demo_prompts=['a large blue square on a white background, center']",
+] + [o for name, steps, every in (("stage1", STAGE1_STEPS, 2), ("stage2", 2, 2), ("stage3", 2, 2), ("stage4", 2, 2))
+     for o in (f"stages.{name}.steps={steps}", f"stages.{name}.checkpoint_every={every}",
+               f"stages.{name}.log_every=1", f"stages.{name}.global_batch=8", f"stages.{name}.micro_batch=8",
+               f"stages.{name}.num_workers=1", f"stages.{name}.sample_prompts=2",
+               f"stages.{name}.sample_steps=2", f"stages.{name}.schedule.warmup_steps=0",
+               f"stages.{name}.ema.start_step=0")]
+
+
+class Served:
+    """`python -m flows.serve` as our own process group, restartable."""
+
+    def __init__(self, log: Path):
+        self.log, self.proc = log, None
+
+    def start(self) -> None:
+        from flows.local_stack import deployments_ready
+
+        since = time.time()
+        env = dict(os.environ, PREFECT_RUNNER_POLL_FREQUENCY="2", **RAY_AUTH)
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=f,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not deployments_ready(since):
+            assert self.proc.poll() is None, f"flows.serve exited; see {self.log}"
+            assert time.monotonic() < deadline, f"deployments not served within 180s; see {self.log}"
+            time.sleep(1)
+
+    def stop(self) -> None:
+        """Kill the whole group at once (the flow run process is in it): an interruption, not a shutdown."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def deployment_run(name: str, params: dict, watch: bool = True, timeout: int = 1500):
+    """`prefect deployment run NAME --params JSON [--watch]`: (Popen or CompletedProcess)."""
+    cmd = [str(BIN / "prefect"), "deployment", "run", name, "--params", json.dumps(params)]
+    if not watch:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd + ["--watch", "--watch-interval", "3", "--watch-timeout", str(timeout)],
+                          capture_output=True, text=True, timeout=timeout + 60)
+
+
+def flow_run_id(output: str) -> str:
+    m = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert m, f"no flow run id in:\n{output}"
+    return m.group(1)
+
+
+def flow_state(run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state.name
+
+
+def task_states(run_id: str) -> dict[str, str]:
+    """task run name -> state name ("Completed", "Cached", ...) of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return {tr.name: tr.state.name for tr in runs}
+
+
+def mtimes(root: Path, *subdirs: str) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for d in subdirs for p in sorted((root / d).rglob("*")) if p.is_file()}
+
+
+def finished(proc) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    run_id = flow_run_id(out)
+    assert flow_state(run_id) == "Completed", out[-4000:]
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def interrupted(prefect_server, ray_address, tmp_path_factory):
+    """Run full-run, kill it (serve process group) once stage 1 has a checkpoint, serve again, run again."""
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.metrics import read_metrics
+
+    base = tmp_path_factory.mktemp("flows")
+    root = base / "run"
+    params = {"recipe": RECIPE, "overrides": [f"storage={root}", *SHRINK]}
+    served = Served(base / "serve.log")
+    served.start()
+    try:
+        first = deployment_run("microdit/full-run", params, watch=False)
+        stage1 = root / "train" / "stage1"
+        deadline = time.monotonic() + 1200
+        while not [s for s, _ in ckpt.checkpoints(str(stage1)) if s >= 2]:
+            assert time.monotonic() < deadline, "stage 1 wrote no checkpoint within 20 minutes"
+            assert not (stage1 / "export" / ckpt.EXPORT_MARKER).exists(), "stage 1 finished before the kill"
+            time.sleep(0.5)
+        served.stop()  # mid-stage: the flow run process dies with the serve group
+        first.wait(timeout=60)  # without --watch the CLI returns once the run is created
+        killed_at = max(s for s, _ in ckpt.checkpoints(str(stage1)))
+        assert killed_at < STAGE1_STEPS, "stage 1 finished before the kill"
+        before = [r for r in read_metrics(str(stage1)) if r["step"] <= killed_at]
+
+        served.start()
+        second = finished(deployment_run("microdit/full-run", params))
+        yield {"root": root, "params": params, "served": served, "killed_at": killed_at, "rows_before": before,
+               "second": second, "first_output": first.stdout.read() if first.stdout else ""}
+    finally:
+        served.stop()
+
+
+def test_killed_run_resumes_the_interrupted_stage(interrupted):
+    from pipeline.train.metrics import read_metrics
+
+    states = task_states(interrupted["second"])
+    assert states["download-synthetic"] == "Cached"
+    assert states["precompute-synthetic"] == "Cached"
+    assert states["train-stage1"] == "Completed"  # ran again, but from its checkpoint:
+    stage1 = interrupted["root"] / "train" / "stage1"
+    rows = read_metrics(str(stage1))
+    k = interrupted["killed_at"]
+    # Rows up to the checkpoint are the ones logged before the kill (timings included): a restart from step 0
+    # would have rewritten them.
+    assert [r for r in rows if r["step"] <= k] == interrupted["rows_before"]
+    assert interrupted["rows_before"] and rows[-1]["step"] == STAGE1_STEPS
+    export = json.loads((stage1 / "export" / "config.json").read_text())
+    assert export["step"] == STAGE1_STEPS
+    for name in ("stage2", "stage3", "stage4"):
+        assert states[f"train-{name}"] == "Completed"
+    assert (interrupted["root"] / "samples" / "grid.png").is_file()
+    assert (interrupted["root"] / "eval" / "metrics.json").is_file()
+    saved = json.loads((interrupted["root"] / "config.json").read_text())
+    assert saved["stages"][0]["steps"] == STAGE1_STEPS and saved["storage"] == str(interrupted["root"])
+
+
+def test_second_run_finds_every_step_cached(interrupted):
+    root = interrupted["root"]
+    before = mtimes(root, "data", "train", "samples", "eval")
+    run_id = finished(deployment_run("microdit/full-run", interrupted["params"]))
+    states = task_states(run_id)
+    assert states and set(states.values()) == {"Cached"}, states
+    assert {"download-synthetic", "precompute-synthetic", "train-stage1", "train-stage4", "sample"} <= set(states)
+    assert mtimes(root, "data", "train", "samples", "eval") == before
+
+
+def test_stage_deployment_retrains_one_stage_from_cached_latents(interrupted):
+    root = interrupted["root"]
+    latents, stage1 = mtimes(root, "data"), mtimes(root, "train/stage1")
+    export = root / "train" / "stage2" / "export" / "model.safetensors"
+    old_export = export.stat().st_mtime_ns
+    params = {"stage": "stage2", "recipe": RECIPE,
+              "overrides": interrupted["params"]["overrides"] + ["stages.stage2.steps=3"]}
+    run_id = finished(deployment_run("microdit/stage", params))
+    states = task_states(run_id)
+    assert states == {"train-stage2": "Completed", "sample": "Completed"}, states
+    assert mtimes(root, "data") == latents and mtimes(root, "train/stage1") == stage1
+    assert export.stat().st_mtime_ns != old_export
+    assert json.loads((export.parent / "config.json").read_text())["step"] == 3
+    assert (root / "samples" / "stage2" / "grid.png").is_file()
+
+
+def test_stage_deployment_without_latents_fails_plainly(interrupted, tmp_path):
+    params = {"stage": "stage1", "recipe": RECIPE, "overrides": [f"storage={tmp_path / 'empty'}", *SHRINK]}
+    proc = deployment_run("microdit/stage", params, timeout=300)
+    out = proc.stdout + proc.stderr
+    run_id = flow_run_id(out)
+    assert flow_state(run_id) == "Failed"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        message = client.read_flow_run(run_id).state.message or ""
+    assert "no finished latents" in message or "FileNotFoundError" in message, message

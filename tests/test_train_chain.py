@@ -1,0 +1,77 @@
+"""Stages 1 -> 2 -> 3 -> 4 of the tiny recipe's shape, chained on moto S3: full state carried on, then weights
+only into the 128-px model with positions rebuilt at scale 2, then full state again."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_train_helpers import tiny_stage, write_latents
+
+pytestmark = pytest.mark.slow
+
+
+def _stages() -> list[dict]:
+    common = dict(steps=3, checkpoint_every=3, log_every=3, sample_prompts=2, sample_steps=2, shuffle_buffer=0)
+    return [
+        tiny_stage(name="c1", resolution=64, mask_ratio=0.5, **common),
+        tiny_stage(name="c2", resolution=64, mask_ratio=0.0, init={"from": "full_state", "stage": "c1"},
+                   schedule={"kind": "constant"}, **common),
+        tiny_stage(name="c3", resolution=128, mask_ratio=0.5, init={"from": "weights", "stage": "c2"},
+                   schedule={"kind": "constant", "warmup_steps": 1}, p_mean=0.0, p_std=0.6, **common),
+        tiny_stage(name="c4", resolution=128, mask_ratio=0.0, init={"from": "full_state", "stage": "c3"},
+                   schedule={"kind": "constant"}, p_mean=0.0, p_std=0.6, **common),
+    ]
+
+
+def _weights(uri: str) -> dict[str, torch.Tensor]:
+    from pipeline.train.checkpoint import load_weights
+
+    return load_weights(uri)
+
+
+def test_four_stages_chain_on_s3(ray_address, s3_endpoint, s3_bucket, monkeypatch):
+    import ray
+
+    from model.config import ModelConfig
+    from model.microdit import MicroDiT
+    from pipeline import storage
+    from pipeline.train import train_stage
+
+    ray.shutdown()  # reconnect below with the S3 endpoint in the workers' environment
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    root = f"s3://{s3_bucket}/run"
+    # 64 rows at 64 px; 8 rows per file lack a 128-px latent and must be filtered out of stages 3-4.
+    data = {"synth": write_latents(f"{root}/data/latents/synth", rows=64, resolutions=(64, 128),
+                                   without_high_res=8)}
+    stages = _stages()
+    try:
+        with pytest.raises(FileNotFoundError, match="'c1', which has not finished"):
+            train_stage(stages[1], "MicroDiT_Debug", root, data)
+        exports = [train_stage(s, "MicroDiT_Debug", root, data, vae="standin") for s in stages]
+    finally:
+        ray.shutdown()
+
+    assert exports == [f"{root}/train/c{i}/export" for i in range(1, 5)]
+    configs = [storage.read_json(f"{e}/config.json") for e in exports]
+    assert [c["global_step"] for c in configs] == [3, 6, 3, 6]  # full state carries the step on
+    assert [c["model"]["input_size"] for c in configs] == [16, 16, 32, 32]
+    assert [c["model"]["pos_interp_scale"] for c in configs] == [1.0, 1.0, 2.0, 2.0]
+    assert configs[2]["final_checkpoint"].startswith(f"{root}/train/c3/checkpoint_")
+    for i in range(1, 5):
+        assert storage.list_files(f"{root}/train/c{i}/samples", ".png")
+        assert storage.list_files(f"{root}/train/c{i}/checkpoint_000000003", ".distcp")
+        assert len(storage.read_bytes(f"{root}/train/c{i}/metrics.jsonl").decode().splitlines()) == 1
+
+    # Stage 3 started from stage 2's weights: after 3 steps it is far closer to them than to a fresh init.
+    w2, w3 = _weights(f"{exports[1]}/model.safetensors"), _weights(f"{exports[2]}/model.safetensors")
+    torch.manual_seed(0)
+    fresh = MicroDiT(ModelConfig(**configs[2]["model"])).state_dict()
+    dist = lambda a, b: sum(float((a[k] - b[k]).square().sum()) for k in a)
+    assert dist(w3, w2) < 0.1 * dist(w3, fresh)
+    # The 128-px model loads the 64-px weights strictly; only its position buffer differs.
+    model = MicroDiT(ModelConfig(**configs[2]["model"]))
+    model.load_state_dict(w2, strict=True)
+    assert model.pos_embed.shape == (1, 256, 128)
+    json.dumps(configs)  # configs are plain JSON

@@ -1,0 +1,152 @@
+"""One training stage on real Ray Train (2 CPU workers, gloo, FSDP2): train, export, NaN guard, worker kill,
+stop and resume (same losses as an uninterrupted run), damaged checkpoints."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_train_helpers import tiny_stage, write_latents
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    return {"synth": write_latents(str(root / "synth"), rows=48)}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address, data, tmp_path_factory):
+    """An uninterrupted 8-step stage (the loss of step index 4 is forced to NaN); yields its root."""
+    import ray
+
+    from pipeline.train import train_stage
+
+    root = str(tmp_path_factory.mktemp("ref"))
+    out = train_stage(tiny_stage(debug={"nan_loss_steps": [4]}), "MicroDiT_Debug", root, data, vae="standin")
+    assert out == f"{root}/train/s1/export"
+    yield root
+    ray.shutdown()
+
+
+def _losses(root: str) -> list[float]:
+    from pipeline.train.metrics import read_metrics
+
+    rows = read_metrics(f"{root}/train/s1")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    return [r["loss"] for r in rows]
+
+
+def _eval_loss(model, latents, caption) -> float:
+    from model.edm import EDMConfig, edm_loss
+
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.exp(torch.randn(latents.shape[0], generator=gen) * 1.2 - 0.6)
+    noise = torch.randn(latents.shape, generator=gen)
+    with torch.no_grad():
+        return float(edm_loss(model, latents, caption, EDMConfig(), sigma=sigma, noise=noise)[0])
+
+
+def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
+    from safetensors.torch import load_file
+
+    from model.config import ModelConfig
+    from model.microdit import MicroDiT
+    from pipeline import schema
+    from pipeline.train.metrics import read_metrics
+    import pyarrow.parquet as pq
+
+    stage_dir = Path(reference) / "train" / "s1"
+    export = stage_dir / "export"
+    assert {p.name for p in export.iterdir()} >= {"model.safetensors", "ema.safetensors", "config.json", "_SUCCESS"}
+    config = json.loads((export / "config.json").read_text())
+    assert config["step"] == 8 and config["global_step"] == 8 and config["stage"]["name"] == "s1"
+    assert config["model"]["input_size"] == 16 and config["model"]["pos_interp_scale"] == 1.0
+
+    rows = read_metrics(str(stage_dir))
+    assert [r["skipped"] for r in rows] == [i == 4 for i in range(8)]  # step index 4 -> logged as step 5
+    assert rows[-1]["nonfinite_total"] == 1 and np.isnan(rows[4]["loss"])
+    assert all(np.isfinite(r["grad_norm"]) for i, r in enumerate(rows) if i != 4)
+
+    # The loss falls: the exported model beats a fresh init on a fixed noisy batch of the training data.
+    table = pq.read_table(sorted(Path(data["synth"]).glob("*.parquet"))[0])
+    latents = torch.from_numpy(schema.read_tensor(table, "latents_64")[:16])
+    caption = torch.from_numpy(schema.read_tensor(table, "caption_states")[:16])
+    cfg = ModelConfig(**config["model"])
+    torch.manual_seed(0)
+    fresh = MicroDiT(cfg)
+    trained = MicroDiT(cfg)
+    trained.load_state_dict(load_file(export / "model.safetensors"), strict=True)
+    ema = load_file(export / "ema.safetensors")
+    assert ema.keys() == trained.state_dict().keys()
+    assert any(not torch.equal(ema[k], v) for k, v in trained.state_dict().items())  # EMA really averaged
+    assert _eval_loss(trained, latents, caption) < 0.8 * _eval_loss(fresh, latents, caption)
+
+    assert list((stage_dir / "samples").glob("step_000000008.png"))
+    assert len(json.loads((stage_dir / "samples" / "prompts.json").read_text())) == 4
+    assert list((stage_dir / "tensorboard").glob("events.*"))
+    kept = sorted(p.name for p in stage_dir.glob("checkpoint_*"))
+    assert kept == ["checkpoint_000000006", "checkpoint_000000008"]  # keep_checkpoints=2
+
+    # Done is done: a rerun returns the export without training (no new metrics, same files).
+    from pipeline.train import train_stage
+
+    before = (stage_dir / "metrics.jsonl").read_bytes()
+    assert train_stage(tiny_stage(), "MicroDiT_Debug", reference, data) == str(export)
+    assert (stage_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_killed_worker_and_stopped_run_resume_to_the_same_losses(reference, data, tmp_path):
+    """Rank 1 dies before step 3 (Ray restarts the group from checkpoint 2), the run stops after step 5, a
+    rerun finishes it: every step's loss equals the uninterrupted reference run's."""
+    from pipeline.train import train_stage
+
+    root = str(tmp_path)
+    faulty = tiny_stage(debug={"nan_loss_steps": [4], "crash_rank": 1, "crash_at_step": 3, "stop_at_step": 5})
+    with pytest.raises(RuntimeError, match="stopped before its last step"):
+        train_stage(faulty, "MicroDiT_Debug", root, data)
+    assert (tmp_path / "train" / "s1" / "debug_crashed").exists()  # the worker really died once
+    assert (tmp_path / "train" / "s1" / "checkpoint_000000005").is_dir()
+    assert not (tmp_path / "train" / "s1" / "export").exists()
+
+    train_stage(tiny_stage(debug={"nan_loss_steps": [4]}), "MicroDiT_Debug", root, data)
+    np.testing.assert_array_equal(_losses(root), _losses(reference))
+
+
+def _copy_unfinished(reference: str, dest: Path) -> Path:
+    shutil.copytree(Path(reference) / "train", dest / "train")
+    shutil.rmtree(dest / "train" / "s1" / "export")
+    return dest / "train" / "s1"
+
+
+def test_damaged_checkpoint_is_a_clear_error(reference, data, tmp_path):
+    from pipeline.train import train_stage
+
+    stage_dir = _copy_unfinished(reference, tmp_path)
+    shard = stage_dir / "checkpoint_000000008" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"checkpoint_000000008/__1_0\.distcp.*truncated"):
+        train_stage(tiny_stage(), "MicroDiT_Debug", str(tmp_path), data)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(reference, data, tmp_path):
+    from pipeline.train import train_stage
+
+    _copy_unfinished(reference, tmp_path)
+    with pytest.raises(ValueError, match=r"model_config\.json.*depth"):
+        train_stage(tiny_stage(), {"preset": "MicroDiT_Debug", "depth": 3}, str(tmp_path), data)
+
+
+def test_too_many_nonfinite_steps_stop_the_stage(reference, data, tmp_path):
+    from pipeline.train import train_stage
+
+    stage = tiny_stage(name="nan", steps=4, max_failures=0, max_consecutive_nonfinite=1,
+                       debug={"nan_loss_steps": [0, 1, 2]}, sample_prompts=0)
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+        train_stage(stage, "MicroDiT_Debug", str(tmp_path), data)
