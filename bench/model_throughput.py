@@ -265,10 +265,10 @@ def print_report(report: dict) -> None:
 def _print_moe(m: dict) -> None:
     print(f"# MoE layer at {m['tokens']} tokens (batch {m['batch']}, dim {m['dim']}, hidden {m['hidden']}, "
           f"E {m['experts']}, k {m['k']}), forward + backward:")
-    print(f"  peak memory   gather/scatter {_fmt(m['gather_peak_mib']):>8} MiB   one-hot {_fmt(m['onehot_peak_mib']):>8} MiB"
-          f"   ratio {_fmt(m.get('onehot_over_gather'), '.2f')}x")
-    print(f"  saved for bwd gather/scatter {m['gather_saved_mib']:>8.1f} MiB   one-hot {m['onehot_saved_mib']:>8.1f} MiB"
-          f"   ratio {m['onehot_over_gather_saved']:.2f}x")
+    print(f"  peak memory   gather/scatter {_fmt(m['gather_peak_mib']):>8} MiB   "
+          f"one-hot {_fmt(m['onehot_peak_mib']):>8} MiB   ratio {_fmt(m.get('onehot_over_gather'), '.2f')}x")
+    print(f"  saved for bwd gather/scatter {m['gather_saved_mib']:>8.1f} MiB   "
+          f"one-hot {m['onehot_saved_mib']:>8.1f} MiB   ratio {m['onehot_over_gather_saved']:.2f}x")
     print(f"  the (N, E, k, T) one-hot tensor alone: {m['onehot_tensor_mib']:.1f} MiB; "
           f"outputs differ by {m['max_abs_diff']:.2e}")
 
@@ -287,7 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "cudnn", "math"], default=None,
                    help="attention kernel (default: flash on CUDA, auto on CPU)")
     p.add_argument("--peak-flops", type=float, default=989e12, help="peak bf16 FLOP/s for MFU (H100 SXM dense)")
-    p.add_argument("--moe-tokens", type=int, nargs="+", default=[1024], help="token counts for the MoE memory table")
+    p.add_argument("--moe-tokens", type=int, nargs="+", default=[1024],
+                   help="token counts for the MoE memory table")
     p.add_argument("--moe-batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -296,6 +297,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio {args.mask_ratio}: expected a value in (0, 1) to compare against 0")
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+        raise ValueError(f"--batch-size {args.batch_size}, --iters {args.iters}, --warmup {args.warmup}: "
+                         "expected batch and iters >= 1, warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

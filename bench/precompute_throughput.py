@@ -1,8 +1,8 @@
 """Precompute throughput: rows/s through Ray Data vs a plain single-process loop over the same shards and encoders.
 
-    python bench/precompute_throughput.py                      # CPU: stand-in VAE + tiny text tower, small shards
-    python bench/precompute_throughput.py --vae tiny-diffusers # exercise the diffusers AutoencoderKL path
-    python bench/precompute_throughput.py --gpu                # + SDXL-VAE / DFN5B-text architectures, random
+    python -m bench.precompute_throughput                      # CPU: stand-in VAE + tiny text tower, small shards
+    python -m bench.precompute_throughput --vae tiny-diffusers # exercise the diffusers AutoencoderKL path
+    python -m bench.precompute_throughput --gpu                # + SDXL-VAE / DFN5B-text architectures, random
                                                                #   weights, images/s per GPU at 256+512 px
 Both paths run the same stage code (pipeline/precompute_stages.py) and the same commit; the ratio is measured in
 one run on one machine. The Ray figure includes the pipeline's own start (actors loading encoders), not the
@@ -121,11 +121,11 @@ def sdxl_per_device(device: str, batch: int, iters: int, resolutions=(256, 512))
     import torch
     from diffusers import AutoencoderKL
 
-    from model.encoders import DiffusersVAE, TextEncoder, _build_tower
+    from model.encoders import DiffusersVAE, TextEncoder, build_text_tower
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     vae = DiffusersVAE(AutoencoderKL.from_config(SDXL_VAE_CONFIG), device, dtype)
-    text = TextEncoder(_build_tower(DFN5B_TEXT_CONFIG, dtype), device, dtype)
+    text = TextEncoder(build_text_tower(DFN5B_TEXT_CONFIG, dtype), device, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def timed(fn) -> float:

@@ -85,19 +85,29 @@ def cmd_status(args) -> int:
 
 def cmd_demo(args) -> int:
     """Start the stack if needed, run the tiny recipe end to end, print where everything is."""
+    import time
+
     from pipeline import storage
     from pipeline.run_config import load_recipe
 
+    start = time.monotonic()
     stack = local_stack.up(_state(args), num_cpus=args.num_cpus)
     recipe = _recipe(args.recipe)
+    cfg = load_recipe(recipe, args.set, storage_base=stack.workdir or None)  # bad recipes fail before the run
     params = {"recipe": recipe, "overrides": args.set, "force": args.force}
     rc = local_stack._with_env(stack, lambda: _demo_follow(params))
-    cfg = load_recipe(recipe, args.set, storage_base=stack.workdir or None)
-    print("\n== microdit demo ==")
+    print(f"\n== microdit demo ({'done' if rc == 0 else 'FAILED'} in {(time.monotonic() - start) / 60:.1f} min) ==")
     print(f"run folder         {cfg.storage}")
     for label, uri in (("sample grid", cfg.sample_grid_uri()), ("report", cfg.report_uri()),
-                       ("resolved config", cfg.config_uri())):
+                       ("report (html)", cfg.uri("report", "report.html")),
+                       ("eval metrics", cfg.uri("eval", "metrics.json")), ("resolved config", cfg.config_uri())):
         print(f"{label:<18} {uri}{'' if storage.exists(uri) else '  (missing)'}")
+    metrics = cfg.uri("eval", "metrics.json")
+    if storage.exists(metrics):
+        demo = storage.read_json(metrics).get("demo") or {}
+        if "caption_match" in demo:
+            print(f"caption match      {demo['caption_match']:.2f} (colour and shape right; chance "
+                  f"{demo.get('chance', {}).get('caption_match', float('nan')):.2f})")
     print_where(stack)
     return rc
 

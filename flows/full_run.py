@@ -1,4 +1,4 @@
-"""The `microdit` flow, deployment `full-run`: download -> precompute -> stages -> sample grid -> evaluate -> report.
+"""The `microdit` flow, deployment `full-run`: download -> precompute -> stages -> sample -> evaluate -> report.
 
 The flow only sequences tasks (flows/tasks.py). Every task is cached on its config, inputs and code version,
 so a rerun skips what finished and continues the step that was interrupted. `force` reruns finished steps:
@@ -34,7 +34,7 @@ def step_order(cfg: RunConfig) -> list[str]:
     steps = ["download", "precompute", *[s.name for s in cfg.stages], "sample"]
     if cfg.evaluate is not None:
         steps.append("evaluate")
-    return steps
+    return steps + ["report"]
 
 
 def expand_force(cfg: RunConfig, force: list[str] | None) -> set[str]:
@@ -122,6 +122,10 @@ def full_run(recipe: str = "recipes/tiny.yaml", overrides: list[str] | None = No
         out["metrics"] = run_step(tasks.evaluate_task, "evaluate", forced, [cfg.eval_uri()], weights_uri=final,
                                   root=cfg.storage, evaluate=tasks.plain(cfg.evaluate), vae=cfg.encoders.vae,
                                   text=cfg.encoders.text, code=code_version("evaluate"))
+    upstream = [v for k, v in out.items() if k != "config"]
+    out["report"] = run_step(tasks.report_task, "report", forced, [storage.join(cfg.storage, "report")],
+                             root=cfg.storage, report=tasks.plain(cfg.report), upstream=upstream,
+                             code=code_version("report"))
     for key, uri in out.items():
         log.info("%-22s %s", key, uri)
     return out

@@ -261,7 +261,9 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={stack.ray_temp_dir}",
                "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
-        proc = _spawn(cmd, logs / "ray.log", dict(RAY_AUTH))
+        # Workers inherit the head's environment: name this cluster so Ray's own helpers never pick another
+        # local instance ("Found multiple active Ray instances").
+        proc = _spawn(cmd, logs / "ray.log", dict(RAY_AUTH, RAY_ADDRESS=f"127.0.0.1:{port}"))
         stack.processes["ray"] = proc
         stack.ray_address, stack.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         stack.save()

@@ -105,6 +105,14 @@ def evaluate_task(weights_uri: str, root: str, evaluate: dict, vae: str, text: s
     return storage.join(root, "eval", "metrics.json")
 
 
+@task(name="report", task_run_name="report", **_STEP)
+def report_task(root: str, report: dict, upstream: list[str], code: str) -> str:
+    """Write the run report (loss curves, throughput, cost, sample grids, metrics); `upstream` orders and keys it."""
+    from pipeline.report import ReportConfig, build_report
+
+    return build_report(root, from_dict(ReportConfig, report))
+
+
 def synthetic_images_dir(shards_uri: str) -> str:
     """A local folder for the synthetic images: beside the shards locally, under /tmp for an s3:// root."""
     if not storage.is_s3(shards_uri):

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image

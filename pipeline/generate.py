@@ -250,7 +250,7 @@ def make_grid(images: Sequence[np.ndarray], captions: Sequence[str] | None = Non
     rows = math.ceil(n / cols)
     font = ImageFont.load_default()
     chars = max(8, w // 6)  # the default bitmap font is about 6 px a character
-    lines = [textwrap.wrap(c, chars)[:3] for c in captions] if captions else None
+    lines = [textwrap.wrap(c, chars)[:6] for c in captions] if captions else None
     text_h = 11 * max((len(l) for l in lines), default=0) + 4 if lines else 0
     grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + text_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(grid)

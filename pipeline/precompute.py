@@ -13,6 +13,9 @@ Design (why it is resumable and never duplicates under Ray Data's parallel, unor
   count. When the driver has seen as many rows as that count, the shard is complete: a Ray task merges its spools
   in key order into the part file and deletes them. A crash leaves only spools, cleared by the next run.
 - `_report.json` then `_SUCCESS` are written last; a rerun after `_SUCCESS` returns the stored report.
+- Shards are read by our own tar reader, not `ray.data.read_webdataset`: the commit needs each shard's sample
+  count, pipeline.images needs the raw bytes to give typed skip reasons, and a truncated archive must cost its
+  tail, not fail the whole dataset.
 Bad input never stops the run: undecodable, too small or too large images, samples without an image and duplicate
 keys are counted skips; CMYK/palette/16-bit/alpha images (converted), non-UTF-8 captions (decoded with
 replacement), over-long captions (full text kept, `caption_truncated`), empty captions (kept as "" by default, or

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,7 @@ def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float,
 
 def _stage_names(root: str, cfg: ReportConfig) -> list[str]:
     train = storage.join(root, "train")
+    train = train if storage.is_s3(train) else os.path.abspath(train)  # list_files gives absolute paths
     found = set()
     for uri in storage.list_files(train, "metrics.jsonl", recursive=True):
         parts = uri[len(train):].strip("/").split("/")
@@ -172,6 +174,7 @@ def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
         stats[name] = stage_stats(series[name], stage_cfg, cfg.price_per_gpu_hour, cfg.tail)
     totals = {k: sum(s[k] or 0 for s in stats.values()) for k in ("steps", "samples", "hours", "gpu_hours",
                                                                    "cost_usd")}
+    totals["samples_per_s"] = totals["samples"] / (totals["hours"] * 3600) if totals["hours"] else None
     eval_uri = storage.join(root_uri, "eval", "metrics.json")
     metrics = storage.read_json(eval_uri) if storage.exists(eval_uri) else None
 
@@ -209,7 +212,7 @@ def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
     lines = [f"# {cfg.title}", "",
              f"Cost at ${price:.2f} per GPU-hour: **${totals['cost_usd']:,.2f}** for {totals['gpu_hours']:,.2f} "
              f"GPU-hours ({totals['hours']:,.2f} h of training, {totals['steps']:,} steps, "
-             f"{totals['samples']:,} samples). Paper: ${PAPER['cost_usd']:,.0f} "
+             f"{totals['samples']:,} samples, {_fmt(totals['samples_per_s'], ',.1f')} samples/s). Paper: ${PAPER['cost_usd']:,.0f} "
              f"({PAPER['days']} days on {PAPER['gpus']}xH100, about {PAPER['samples_per_s']:,.0f} samples/s).", "",
              "## Stages", "",
              "| stage | res | mask | steps | samples | hours | GPUs | GPU-hours | cost ($) | samples/s | MFU "

@@ -25,6 +25,7 @@ from pipeline.download import DownloadConfig
 from pipeline.evaluate import EvalConfig
 from pipeline.generate import GenerateConfig
 from pipeline.precompute import PrecomputeConfig
+from pipeline.report import ReportConfig
 from pipeline.train.config import StageConfig, stage_config
 
 
@@ -73,6 +74,7 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=list)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvalConfig | None = None
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     # ---- layout under the storage root (BRIEF: "Storage layout")
     def uri(self, *parts: str) -> str:
@@ -109,7 +111,7 @@ class RunConfig:
         return self.uri("eval")
 
     def report_uri(self) -> str:
-        return self.uri("report")
+        return self.uri("report", "report.md")
 
     def stage(self, name: str) -> StageConfig:
         for st in self.stages:

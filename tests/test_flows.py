@@ -39,6 +39,18 @@ SHRINK = [
                f"stages.{name}.ema.start_step=0")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_token_mode():
+    """Ray 2.60 local heads use token auth; `ray status` and drivers send ~/.ray/auth_token only in token mode."""
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    yield
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+
+
 class Served:
     """`python -m flows.serve` as our own process group, restartable."""
 
@@ -164,18 +176,20 @@ def test_killed_run_resumes_the_interrupted_stage(interrupted):
         assert states[f"train-{name}"] == "Completed"
     assert (interrupted["root"] / "samples" / "grid.png").is_file()
     assert (interrupted["root"] / "eval" / "metrics.json").is_file()
+    assert states["report"] == "Completed" and (interrupted["root"] / "report" / "report.md").is_file()
     saved = json.loads((interrupted["root"] / "config.json").read_text())
     assert saved["stages"][0]["steps"] == STAGE1_STEPS and saved["storage"] == str(interrupted["root"])
 
 
 def test_second_run_finds_every_step_cached(interrupted):
     root = interrupted["root"]
-    before = mtimes(root, "data", "train", "samples", "eval")
+    before = mtimes(root, "data", "train", "samples", "eval", "report")
     run_id = finished(deployment_run("microdit/full-run", interrupted["params"]))
     states = task_states(run_id)
     assert states and set(states.values()) == {"Cached"}, states
-    assert {"download-synthetic", "precompute-synthetic", "train-stage1", "train-stage4", "sample"} <= set(states)
-    assert mtimes(root, "data", "train", "samples", "eval") == before
+    assert {"download-synthetic", "precompute-synthetic", "train-stage1", "train-stage4", "sample",
+            "evaluate", "report"} <= set(states)
+    assert mtimes(root, "data", "train", "samples", "eval", "report") == before
 
 
 def test_stage_deployment_retrains_one_stage_from_cached_latents(interrupted):

@@ -116,6 +116,10 @@ def test_prefect_deployments_name_existing_flows(deployment):
     # Parameters given in the deployment are parameters of the flow; the recipe file exists.
     assert set(deployment["parameters"]) <= set(flow.parameters.properties)
     assert (REPO / deployment["parameters"]["recipe"]).is_file()
+    if "stage" in deployment["parameters"]:  # the default stage is a stage of the default recipe
+        from pipeline.run_config import load_recipe
+
+        load_recipe(REPO / deployment["parameters"]["recipe"]).stage(deployment["parameters"]["stage"])
 
 
 def test_prefect_yaml_version_is_the_tested_one():

@@ -395,6 +395,8 @@ def test_killed_run_on_s3_resumes_without_loss_or_duplicates(shards, clean_run, 
     committed = [p.rsplit("/", 1)[1] for p in storage.list_files(out, ".parquet")]
     assert len(committed) == 1 and not storage.exists(storage.join(out, "_SUCCESS"))
     first = read_parts(out)[committed[0]]
+    fs, path = storage.filesystem(out)
+    assert pq.read_table(path, filesystem=fs).num_rows == first.num_rows, "only committed rows are visible"
     try:
         report = precompute(src, out, PrecomputeConfig(**TINY), ray_address=ray_address)
     finally:
@@ -407,7 +409,6 @@ def test_killed_run_on_s3_resumes_without_loss_or_duplicates(shards, clean_run, 
     for name, table in clean.items():
         assert parts[name].equals(table), f"{name} differs from the uninterrupted local run"
     assert report["skipped"] == clean_run[1]["skipped"] and report["handled"] == clean_run[1]["handled"]
-    fs, path = storage.filesystem(out)
     dataset = pq.read_table(path, filesystem=fs)  # the whole folder with plain pyarrow: markers ignored
     assert dataset.num_rows == report["rows_written"]
     assert content_fingerprint(PrecomputeConfig(**TINY), "synthetic") == report["fingerprint"]

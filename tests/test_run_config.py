@@ -106,9 +106,10 @@ def test_layout_follows_the_brief(tmp_path):
 def test_force_reruns_the_step_and_everything_after(tmp_path):
     cfg = load_recipe(TINY, storage_base=str(tmp_path))
     order = step_order(cfg)
-    assert order == ["download", "precompute", "stage1", "stage2", "stage3", "stage4", "sample", "evaluate"]
+    assert order == ["download", "precompute", "stage1", "stage2", "stage3", "stage4", "sample", "evaluate",
+                     "report"]
     assert expand_force(cfg, []) == set()
-    assert expand_force(cfg, ["stage3"]) == {"stage3", "stage4", "sample", "evaluate"}
+    assert expand_force(cfg, ["stage3"]) == {"stage3", "stage4", "sample", "evaluate", "report"}
     assert expand_force(cfg, ["sample", "stage2"]) == set(order[3:])
     assert expand_force(cfg, ["all"]) == set(order)
     with pytest.raises(ValueError, match="stage9"):

@@ -83,6 +83,7 @@ def load_checkpoint(app, uri_or_ckpt, rank: int, world: int, model_cfg: dict, *,
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: build, shard, resume, train `stage.steps` steps, checkpoint, export."""
     import ray.train
+    import ray.train.torch
     from model.edm import EDMConfig, drop_captions, edm_loss
     from model.ema import EMA
     from model.optim import apply_lr, build_optimizer
