@@ -8,7 +8,7 @@ Protocol (fixed; every number below is recorded in metrics.json beside the resul
     (5.0), image i with noise seed `seed + i`, EMA weights; written as PNGs under {root}/eval/samples/.
   * Real: the same COCO images, bicubic resize of the short side and center crop to `resolution`
     (pipeline/images.py, the training preprocessing), as uint8.
-  * FID: torchmetrics FrechetInceptionDistance, 2048-d pool features of torch-fidelity's Inception-v3
+  * FID: torchmetrics FrechetInceptionDistance, 2048-d pool features (`fid_features`) of torch-fidelity's Inception-v3
     (pt_inception-2015-12-05 weights, local file via `inception_weights`), images resized to 299 by
     torch-fidelity's TF1-compatible bilinear resize (`fid_antialias=False`, as the reference FID code does).
   * CLIP score: torchmetrics CLIPScore (100 x cosine of image and caption embeddings, mean, floored at 0) with

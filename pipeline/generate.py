@@ -187,7 +187,8 @@ class Generator:
         self.weights_sha256 = hashlib.sha256(raw).hexdigest()
         model = MicroDiT(model_cfg)
         load_state(model, _strip_wrappers(load_safetensors(raw)), self.weights_uri)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        # fp32 weights; bf16 compute via autocast as in training (LayerNorm and softmax stay fp32).
+        self.model = model.to(device=self.device).eval().requires_grad_(False)
         self.step = export.get("step")
 
     @property
@@ -208,11 +209,13 @@ class Generator:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         # Noise per image on the CPU generator: the same picture whatever the batch or device.
         noise = torch.cat([make_noise((1, *self.latent_shape), s) for s in seeds])  # (N, C, h, w)
-        caption = self.text.encode(list(prompts)).to(self.device, self.dtype)  # (N, 77, width)
+        caption = self.text.encode(list(prompts)).to(self.device, torch.float32)  # (N, 77, width)
         # guidance 1 is the conditional model itself: skip the unconditional branch.
         guidance = None if self.cfg.guidance == 1.0 else self.cfg.guidance
         sampler = HeunSampler(steps=self.cfg.steps)
-        latents = sampler.sample(self.model, noise.to(self.device), caption, guidance=guidance)  # (N, C, h, w)
+        # The float64 ODE state is not autocast; only the network's matmuls run in self.dtype.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            latents = sampler.sample(self.model, noise.to(self.device), caption, guidance=guidance)  # (N, C, h, w)
         return to_uint8(self.vae.decode(latents))
 
     def batches(self, prompts: Sequence[str], start: int = 0) -> Iterator[tuple[int, np.ndarray]]:

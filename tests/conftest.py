@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,16 @@ def ray_address(tmp_path_factory):
     """A fresh local Ray head (dashboard on) owned by this test session; yields its GCS address."""
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dash = free_port(), free_port()
-    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    state = tmp_path_factory.mktemp("ray")
+    log = open(state / "head.log", "w")
+    # Ray 2.60 decides token auth from ~/.ray/auth_token, a file shared with every other Ray user on the
+    # machine. This session's cluster gets its own token, explicitly, for the head and every client.
+    token = state / "auth_token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    token.chmod(0o600)
+    saved_auth = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -102,6 +112,11 @@ def ray_address(tmp_path_factory):
         yield address
     finally:
         os.environ.pop("RAY_ADDRESS", None)
+        for k, v in saved_auth.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         try:
             import ray
 

@@ -286,6 +286,35 @@ def test_rows_hold_the_right_latents_and_high_res_is_absent_and_flagged(shards, 
     assert table.column("latents_64").null_count == 0
 
 
+def test_empty_captions_can_be_counted_skips(shards, tmp_path):
+    folder, _ = shards
+    table = run_stages_in_process(folder / "00010.tar", tmp_path, PrecomputeConfig(**TINY, empty_captions="skip"))
+    stats = read_part_stats(str(tmp_path / "part-00010.parquet"))
+    assert stats["skipped"]["empty_caption"] == 2 and "empty_caption" not in stats["handled"]
+    assert not {"src/empty_caption", "src/no_caption"} & set(table.column("key").to_pylist())
+
+
+def test_posterior_sample_is_per_row_deterministic(tmp_path):
+    from model.encoders import save_tiny_vae
+
+    rng = np.random.default_rng(0)
+    n = 6
+    pixels = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    keys = np.array([f"k{i}" for i in range(n)], object)
+
+    def encode(rows, seed=0):
+        batch = {"key": keys[rows], "pixels_32": pixels[rows], "has_32": np.ones(len(rows), bool),
+                 "is_end": np.zeros(len(rows), bool), "reason": np.array([""] * len(rows), object)}
+        vae = EncodeImages(save_tiny_vae(tmp_path / "vae"), [32], 4, "cpu", "float32", seed)
+        return vae(batch)["latents_32"]  # (len(rows), 4, 8, 8) float16
+
+    all_rows = encode(np.arange(n))
+    assert np.isfinite(all_rows).all() and all_rows.std() > 0
+    shuffled = encode(np.array([5, 2, 0]))  # other batch, other neighbours, other padding
+    np.testing.assert_array_equal(shuffled, all_rows[[5, 2, 0]])
+    assert not np.array_equal(encode(np.arange(n), seed=1), all_rows)  # the sample really is random
+
+
 # ----------------------------------------------------------------------------- through Ray
 
 

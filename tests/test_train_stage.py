@@ -91,7 +91,7 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     assert list((stage_dir / "samples").glob("step_000000008.png"))
     assert len(json.loads((stage_dir / "samples" / "prompts.json").read_text())) == 4
     assert list((stage_dir / "tensorboard").glob("events.*"))
-    kept = sorted(p.name for p in stage_dir.glob("checkpoint_*"))
+    kept = sorted(p.name for p in stage_dir.glob("checkpoint_0*"))
     assert kept == ["checkpoint_000000006", "checkpoint_000000008"]  # keep_checkpoints=2
 
     # Done is done: a rerun returns the export without training (no new metrics, same files).
