@@ -23,13 +23,15 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _files(module: str) -> list[Path]:
+def _files(module: str) -> list[tuple[str, Path]]:
+    """(name relative to the module, path) of every source file of a module or package."""
     spec = importlib.util.find_spec(module)
     if spec is None:
         raise ModuleNotFoundError(f"step module {module!r} is not installed")
     if spec.submodule_search_locations:
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [Path(spec.origin)]
+        return sorted((f"{module}/{p.relative_to(loc).as_posix()}", p)
+                      for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
+    return [(module, Path(spec.origin))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,8 +41,8 @@ def code_version(step: str) -> str:
         raise ValueError(f"unknown step {step!r}; expected one of {sorted(STEP_MODULES)}")
     h = hashlib.sha256()
     for module in STEP_MODULES[step]:
-        for path in _files(module):
-            h.update(str(path.name).encode())
+        for name, path in _files(module):
+            h.update(name.encode() + b"\0")
             h.update(path.read_bytes())
     try:
         version = importlib.metadata.version("microdit")

@@ -101,7 +101,7 @@ def full_run(recipe: str = "recipes/tiny.yaml", overrides: list[str] | None = No
     recipe: recipe YAML (absolute, relative to the serving directory, or to the repository).
     overrides: `path=value` changes to the recipe, e.g. `stages.stage1.steps=10` (see pipeline/run_config.py).
     force: steps to rerun although finished (and every step after them): download, precompute, a stage
-    name, sample, evaluate, or all.
+    name, sample, evaluate, report, or all.
     """
     log = get_run_logger()
     cfg = load_recipe(resolve_recipe(recipe), overrides or [])

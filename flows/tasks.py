@@ -76,7 +76,8 @@ def precompute_task(source: str, shards_uri: str, latents_uri: str, precompute: 
     return latents_uri
 
 
-@task(name="train", task_run_name="train-{stage[name]}", **_STEP)
+@task(name="train", task_run_name="train-{stage[name]}", **_STEP, retries=1, retry_delay_seconds=30,
+      retry_condition_fn=retry_unless_bad_input)  # a retry resumes from the stage's last checkpoint
 def train_task(stage: dict, model: dict, root: str, latents: dict[str, str], vae: str, code: str,
                ray_address: str | None = None) -> str:
     """Train one stage with Ray Train (resumes from its own checkpoints); returns its export URI."""

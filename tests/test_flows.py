@@ -153,14 +153,19 @@ def interrupted(prefect_server, ray_address, tmp_path_factory):
     served.start()
     try:
         first = deployment_run("microdit/full-run", params, watch=False)
+        out, _ = first.communicate(timeout=120)  # without --watch the CLI returns once the run is created
+        first_id = flow_run_id(out)
         stage1 = root / "train" / "stage1"
-        deadline = time.monotonic() + 1200
+        deadline, polled = time.monotonic() + 1200, time.monotonic()
         while resumable_step(stage1) < 2:
             assert time.monotonic() < deadline, "stage 1 registered no checkpoint within 20 minutes"
             assert not (stage1 / "export" / ckpt.EXPORT_MARKER).exists(), "stage 1 finished before the kill"
+            if time.monotonic() - polled > 10:
+                state = flow_state(first_id)
+                assert state not in ("Failed", "Crashed", "Completed", "Cancelled"), f"first run {state}"
+                polled = time.monotonic()
             time.sleep(0.2)
         served.stop()  # mid-stage: the flow run process dies with the serve group
-        first.wait(timeout=60)  # without --watch the CLI returns once the run is created
         killed_at = resumable_step(stage1)
         assert 2 <= killed_at < STAGE1_STEPS, "stage 1 finished before the kill"
         before = [r for r in read_metrics(str(stage1)) if r["step"] <= killed_at]
@@ -168,7 +173,7 @@ def interrupted(prefect_server, ray_address, tmp_path_factory):
         served.start()
         second = finished(deployment_run("microdit/full-run", params))
         yield {"root": root, "params": params, "served": served, "killed_at": killed_at, "rows_before": before,
-               "second": second, "first_output": first.stdout.read() if first.stdout else ""}
+               "second": second}
     finally:
         served.stop()
 

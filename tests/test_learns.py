@@ -13,7 +13,16 @@ from model.sampler import HeunSampler, make_noise
 PAIRS, BATCH, STEPS, EVAL_REPEATS = 4, 8, 250, 8
 
 
-@pytest.mark.slow  # about 40-60 s on one core
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small ops on a shared, oversubscribed CPU: extra intra-op threads spin and cost many times their work.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow  # about 45 s of CPU on one core
 def test_debug_model_memorises_pairs_and_samples_them():
     torch.manual_seed(0)
     cfg = model_config("MicroDiT_Debug")

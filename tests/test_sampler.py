@@ -12,6 +12,15 @@ from model.sampler import HeunOutput, HeunSampler, guided_denoiser, karras_sigma
 S = 0.5  # std of the Gaussian "data"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops on a shared, oversubscribed CPU: extra intra-op threads spin and cost many times their work.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gaussian_denoiser(x, sigma, caption):
     """Exact D for data x ~ N(mu, S^2) per element, mu = mean of the caption (zeros -> mu 0)."""
     mu = caption.flatten(1).mean(dim=1).to(x.dtype).view(-1, 1, 1, 1)
