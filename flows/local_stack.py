@@ -199,6 +199,16 @@ def ray_token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
+def ensure_ray_token() -> None:
+    """Create ~/.ray/auth_token if there is none: in explicit token mode `ray start` refuses to make one."""
+    if os.environ.get("RAY_AUTH_TOKEN") or ray_token_path().is_file():
+        return
+    r = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, text=True,
+                       env=dict(os.environ, **RAY_AUTH), timeout=120)
+    if r.returncode != 0 or not ray_token_path().is_file():
+        raise StackError(f"could not create a Ray auth token at {ray_token_path()}: {r.stderr.strip()[-300:]}")
+
+
 def dashboard_status(url: str) -> int:
     """HTTP status of the dashboard's version endpoint, sending the Ray auth token when there is one."""
     req = urllib.request.Request(f"{url}/api/version")
@@ -263,6 +273,7 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
                "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
         # Workers inherit the head's environment: name this cluster so Ray's own helpers never pick another
         # local instance ("Found multiple active Ray instances").
+        ensure_ray_token()
         proc = _spawn(cmd, logs / "ray.log", dict(RAY_AUTH, RAY_ADDRESS=f"127.0.0.1:{port}"))
         stack.processes["ray"] = proc
         stack.ray_address, stack.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"

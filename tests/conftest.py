@@ -64,6 +64,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Tests run tiny ops on 2 shared cores next to Ray workers: extra intra-op threads only spin.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _fake_aws_credentials():
     # moto accepts any credentials; set them before Ray starts so its workers inherit them.

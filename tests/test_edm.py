@@ -13,13 +13,6 @@ from model.edm import (EDMConfig, denoise, drop_captions, edm_loss, loss_weight,
 SD = 0.9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on a shared, oversubscribed CPU: extra intra-op threads spin and cost many times their work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class StandInNet(nn.Module):

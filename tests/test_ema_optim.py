@@ -17,13 +17,6 @@ from model.ema import EMA
 from model.optim import apply_lr, build_optimizer, constant_schedule, cosine_schedule, param_groups
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on a shared, oversubscribed CPU: extra intra-op threads spin and cost many times their work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_net() -> nn.Module:

@@ -42,8 +42,11 @@ SHRINK = [
 @pytest.fixture(scope="session", autouse=True)
 def _ray_token_mode():
     """Ray 2.60 local heads use token auth; `ray status` and drivers send ~/.ray/auth_token only in token mode."""
+    from flows.local_stack import ensure_ray_token
+
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"
+    ensure_ray_token()  # in explicit token mode `ray start` will not create one
     yield
     if saved is None:
         os.environ.pop("RAY_AUTH_MODE", None)

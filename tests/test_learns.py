@@ -13,13 +13,6 @@ from model.sampler import HeunSampler, make_noise
 PAIRS, BATCH, STEPS, EVAL_REPEATS = 4, 8, 250, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small ops on a shared, oversubscribed CPU: extra intra-op threads spin and cost many times their work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow  # about 45 s of CPU on one core

@@ -12,13 +12,6 @@ from model.sampler import HeunOutput, HeunSampler, guided_denoiser, karras_sigma
 S = 0.5  # std of the Gaussian "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on a shared, oversubscribed CPU: extra intra-op threads spin and cost many times their work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gaussian_denoiser(x, sigma, caption):
