@@ -20,11 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from pipeline import schema
-from pipeline.precompute import PrecomputeConfig, commit_shard, encoder_dims, list_shards, precompute
-from pipeline.precompute_stages import DecodeImages, EncodeCaptions, EncodeImages, ReadShard, SpoolWriter
+from pipeline.precompute import PrecomputeConfig, list_shards, precompute, precompute_locally
 
 # SDXL's VAE (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json), written out: random weights, real shapes.
 SDXL_VAE_CONFIG = dict(
@@ -61,26 +57,8 @@ def make_shards(folder: Path, shards: int, per_shard: int, size: int, seed: int 
 
 def plain_loop(shards_uri: str, out: Path, cfg: PrecomputeConfig) -> int:
     """The baseline: the same stages and commit, one process, no Ray; returns rows written."""
-    dims = encoder_dims(cfg)
-    out_schema = schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"],
-                                      dims["text_tokens"], dims["text_width"])
-    read = ReadShard(cfg.read_batch_rows)
-    decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
-    vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
-    text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens)
-    write = SpoolWriter(str(out), "bench", cfg.resolutions, out_schema)
-    rows = 0
-    for name, uri in list_shards(shards_uri).items():
-        spools, written, total = [], 0, 0
-        for batch in read({"uri": np.array([uri], object), "shard": np.array([name], object)}):
-            summary = write(text(vae(decode(batch))))
-            spools += [str(s) for s in summary["spool"] if s]
-            written += int(summary["written"].sum())
-            total += int(summary["rows"].sum())
-        commit_shard(str(out), {"shard": name, "rows": written, "samples": total, "skipped": {}, "handled": {},
-                                "error": ""}, spools, out_schema, cfg.row_group_rows)
-        rows += written
-    return rows
+    stats = precompute_locally(list_shards(shards_uri), str(out), cfg, "bench")
+    return sum(s["rows"] for s in stats.values())
 
 
 def ray_vs_loop(args) -> dict:

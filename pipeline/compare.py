@@ -80,15 +80,17 @@ def run_curves(root: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             rows.append({**r, "stage": name, "samples": samples, "flops": flops})
     metrics_uri = storage.join(root, "eval", "metrics.json")
     metrics = storage.read_json(metrics_uri) if storage.exists(metrics_uri) else {}
-    final = [r["loss"] for r in rows[-5:]]
+    final = [r["loss"] for r in rows if r.get("loss") is not None][-5:]
     return rows, {"samples": samples, "flops": flops,
                   "final_loss": sum(final) / len(final) if final else None, "metrics": metrics}
 
 
 def compare_report(run_a_root: str, run_b_root: str, out_uri: str, labels: Sequence[str] = ("A", "B")) -> str:
     """Write out_uri/compare.md (+ loss_vs_flops.png, loss_vs_samples.png, compare.json); returns compare.md."""
+    if len(labels) != 2 or labels[0] == labels[1]:
+        raise ValueError(f"labels={tuple(labels)}: expected two distinct names, one per run")
     curves, totals = {}, {}
-    for label, root in zip(labels, (run_a_root, run_b_root)):
+    for label, root in zip(labels, (run_a_root, run_b_root), strict=True):
         rows, tot = run_curves(root)
         if not rows:
             raise FileNotFoundError(f"no training metrics under {storage.join(root, 'train')!r}")
@@ -112,7 +114,7 @@ def compare_report(run_a_root: str, run_b_root: str, out_uri: str, labels: Seque
     lines += ["", "Masked training averages its loss over kept patches only, so training losses are a rough guide;",
               "the evaluation metrics compare the two models on equal terms.", "",
               "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs samples](loss_vs_samples.png)", ""]
-    storage.write_json(storage.join(out_uri, "compare.json"), {"runs": dict(zip(labels, (run_a_root, run_b_root))),
+    storage.write_json(storage.join(out_uri, "compare.json"), {"runs": dict(zip(labels, (run_a_root, run_b_root), strict=True)),
                                                                "totals": totals})
     uri = storage.join(out_uri, "compare.md")
     storage.write_bytes(uri, "\n".join(lines).encode())

@@ -339,8 +339,8 @@ def _attempts(out_uri: str) -> pa.Table:
     """All attempt rows (row_id, status, error_message) over the complete shards of out_uri."""
     parts = []
     for sid in sorted(done_shards(out_uri)):
-        fs, path = storage.filesystem(storage.join(out_uri, shard_name(sid) + ".parquet"))
-        parts.append(pq.read_table(path, filesystem=fs, columns=["row_id", "status", "error_message"]))
+        parts.append(storage.read_parquet(storage.join(out_uri, shard_name(sid) + ".parquet"),
+                                          ["row_id", "status", "error_message"]))
     schema = pa.schema([("row_id", pa.int64()), ("status", pa.string()), ("error_message", pa.string())])
     return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
 
@@ -404,12 +404,11 @@ def _commit_rekeyed(staged: str, sid: int, out_uri: str, new_id: int, oom_sample
     meta = pq.read_table(src + ".parquet")
     keys = pa.array([rekey(k) for k in meta["key"].to_pylist()], pa.string())
     meta = meta.set_column(meta.schema.get_field_index("key"), "key", keys)
-    out = io.BytesIO()
-    pq.write_table(meta, out)
-    stats = json.loads(open(src + STATS_SUFFIX).read())
+    with open(src + STATS_SUFFIX, encoding="utf-8") as f:
+        stats = json.load(f)
     stats["retry_of_staged_shard"] = sid
     storage.write_bytes(dst + ".tar", buf.getvalue())
-    storage.write_bytes(dst + ".parquet", out.getvalue())
+    storage.write_parquet(dst + ".parquet", meta)
     storage.write_json(dst + STATS_SUFFIX, stats)  # last: the shard is complete
 
 

@@ -33,7 +33,7 @@ from pipeline import storage
 from pipeline.configs import to_dict
 from pipeline.eval_metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
-from pipeline.generate import GenerateConfig, Generator, encode_png, image_name, make_grid
+from pipeline.generate import GenerateConfig, Generator, encode_png, image_name, make_grid, resolve_device
 
 COCO_CAPTIONS = "annotations/captions_val2014.json"
 COCO_IMAGES = "val2014"
@@ -102,7 +102,7 @@ def coco_eval_set(coco: str, num: int, seed: int) -> list[dict]:
 
 
 def _real_batches(rows: list[dict], resolution: int, batch: int):
-    from pipeline.images import decode_image, preprocess
+    from pipeline.images import decode_image, preprocess, to_uint8
 
     for i in range(0, len(rows), batch):
         out = []
@@ -110,8 +110,7 @@ def _real_batches(rows: list[dict], resolution: int, batch: int):
             d = decode_image(storage.read_bytes(r["file"]))
             if d.image is None:
                 raise ValueError(f"COCO image {r['file']!r} could not be decoded ({d.reason.value})")
-            x = preprocess(d.image, resolution)  # (3, R, R) in [-1, 1]
-            out.append(np.rint((x.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8))
+            out.append(to_uint8(preprocess(d.image, resolution)))  # (R, R, 3)
         yield np.stack(out)
 
 
@@ -128,9 +127,8 @@ def sample_to_folder(gen: Generator, prompts: list[str], folder: str) -> list[st
         idx = todo[k:k + gen.cfg.batch_size]
         # Seeds are per image, so a batch of leftovers after a resume samples the same pictures.
         images = gen.sample([prompts[i] for i in idx], seeds=[gen.cfg.seed + i for i in idx])
-        for i, image in zip(idx, images):
-            storage.write_bytes(files[i], encode_png(image, {"prompt": prompts[i], "seed": str(gen.cfg.seed + i),
-                                                             "index": str(i), **gen.provenance()}))
+        for i, image in zip(idx, images, strict=True):
+            storage.write_bytes(files[i], gen.sample_png(image, prompts[i], i))
     return files
 
 
@@ -141,12 +139,6 @@ def _read_png(uri: str) -> np.ndarray:
 def _batches(files: list[str], size: int):
     for i in range(0, len(files), size):
         yield np.stack([_read_png(f) for f in files[i:i + size]])
-
-
-def _device(cfg: EvalConfig) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
 
 
 def evaluate(weights_uri: str, root_uri: str, cfg: EvalConfig | None = None, vae_spec: str | None = None,
@@ -180,9 +172,10 @@ def _demo(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec
     folder = storage.join(eval_uri, "demo", _key({"prompts": prompts, "w": gen.weights_sha256, "g": to_dict(gcfg),
                                                    "r": gen.resolution}))
     files = sample_to_folder(gen, prompts, folder)
-    result = caption_match([_read_png(f) for f in files], prompts)
+    images = [_read_png(f) for f in files]
+    result = caption_match(images, prompts)
     grid_uri = storage.join(eval_uri, "demo_grid.png")
-    storage.write_bytes(grid_uri, encode_png(np.asarray(make_grid([_read_png(f) for f in files], prompts))))
+    storage.write_bytes(grid_uri, encode_png(np.asarray(make_grid(images, prompts))))
     return {**result, "samples": folder, "grid": grid_uri, "resolution": gen.resolution}
 
 
@@ -194,7 +187,7 @@ def _coco(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec
                                                      "g": to_dict(gcfg)}))
     files = sample_to_folder(gen, prompts, folder)
     del gen  # free the generator before the metric networks load
-    device, out = _device(cfg), {"num_images": len(rows), "samples": folder}
+    device, out = resolve_device(cfg.device), {"num_images": len(rows), "samples": folder}
     if cfg.fid:
         fid = build_fid(cfg.fid_features, cfg.inception_weights, cfg.fid_antialias, device)
         real_key = _key([_key(rows), cfg.resolution, cfg.fid_antialias, cfg.fid_features, cfg.inception_weights])

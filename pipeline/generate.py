@@ -121,8 +121,13 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state, strict=True)
 
 
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; any other name as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
 def _device_dtype(cfg: GenerateConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -185,8 +190,12 @@ class Generator:
 
         raw = storage.read_bytes(self.weights_uri)
         self.weights_sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            state = load_safetensors(raw)
+        except Exception as e:  # safetensors raises its own error type for a damaged or foreign file
+            raise ValueError(f"weights {self.weights_uri!r} are not a readable safetensors file: {e}") from e
         model = MicroDiT(model_cfg)
-        load_state(model, _strip_wrappers(load_safetensors(raw)), self.weights_uri)
+        load_state(model, _strip_wrappers(state), self.weights_uri)
         # fp32 weights; bf16 compute via autocast as in training (LayerNorm and softmax stay fp32).
         self.model = model.to(device=self.device).eval().requires_grad_(False)
         self.step = export.get("step")
@@ -222,6 +231,11 @@ class Generator:
         """(index of the first image, images) per batch of cfg.batch_size."""
         for i in range(0, len(prompts), self.cfg.batch_size):
             yield start + i, self.sample(prompts[i:i + self.cfg.batch_size], start + i)
+
+    def sample_png(self, image: np.ndarray, prompt: str, index: int) -> bytes:
+        """PNG bytes of image `index` (seed base + index) with its prompt, seed and provenance as text chunks."""
+        return encode_png(image, {"prompt": prompt, "seed": str(self.cfg.seed + index), "index": str(index),
+                                  **self.provenance()})
 
     def provenance(self) -> dict[str, str]:
         return {"steps": str(self.cfg.steps), "guidance": str(self.cfg.guidance), "weights": self.weights_uri,
@@ -291,10 +305,8 @@ def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: 
     for start, batch in gen.batches(prompts):
         for j, image in enumerate(batch):
             i = start + j
-            seed = cfg.seed + i
-            uri = storage.join(out_uri, image_name(i, seed))
-            storage.write_bytes(uri, encode_png(image, {"prompt": prompts[i], "seed": str(seed), "index": str(i),
-                                                        **gen.provenance()}))
+            uri = storage.join(out_uri, image_name(i, cfg.seed + i))
+            storage.write_bytes(uri, gen.sample_png(image, prompts[i], i))
             files.append(uri)
             if cfg.grid:
                 images.append(image)

@@ -136,8 +136,18 @@ def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
         image = image.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    a = np.asarray(image, dtype=np.float32)  # (R, R, 3) in 0..255
-    return np.ascontiguousarray((a / 127.5 - 1.0).transpose(2, 0, 1))  # (3, R, R)
+    return to_signed(np.asarray(image))  # (3, R, R)
+
+
+def to_signed(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 pixels -> (3, H, W) float32 in [-1, 1], the layout the VAE encodes."""
+    a = np.asarray(pixels, dtype=np.float32)  # (H, W, 3) in 0..255
+    return np.ascontiguousarray((a / 127.5 - 1.0).transpose(2, 0, 1))
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8; the exact inverse of to_signed."""
+    return np.rint((np.asarray(x).transpose(1, 2, 0) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def prepare(data: bytes, resolutions: list[int], min_size: int | None = None,

@@ -25,7 +25,6 @@ One run at a time per output folder.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
@@ -33,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -128,6 +128,13 @@ def encoder_dims(cfg: PrecomputeConfig) -> dict[str, int]:
             "text_tokens": text.context_length, "text_width": text.width}
 
 
+def output_schema(cfg: PrecomputeConfig) -> pa.Schema:
+    """The part files' Parquet schema for the configured encoders and resolutions."""
+    dims = encoder_dims(cfg)
+    return schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"], dims["text_tokens"],
+                                dims["text_width"])
+
+
 def read_part_stats(uri: str) -> dict:
     """The per-shard counts stored in a part file's footer."""
     fs, path = storage.filesystem(uri)
@@ -147,9 +154,8 @@ def commit_shard(out_uri: str, stats: dict, spools: list[str], out_schema: pa.Sc
                            f"{stats['rows']} distinct keys")
     meta = dict(out_schema.metadata or {})
     meta[STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
-    buf = io.BytesIO()
-    pq.write_table(table.cast(out_schema).replace_schema_metadata(meta), buf, row_group_size=row_group_rows)
-    storage.write_bytes(part_uri(out_uri, stats["shard"]), buf.getvalue())
+    storage.write_parquet(part_uri(out_uri, stats["shard"]), table.cast(out_schema).replace_schema_metadata(meta),
+                          row_group_size=row_group_rows)
     for s in spools:
         storage.delete(s)
     return stats
@@ -216,6 +222,31 @@ def build_dataset(pending: dict[str, str], out_uri: str, cfg: PrecomputeConfig, 
                           num_cpus=1)
 
 
+def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConfig, source: str) -> dict[str, dict]:
+    """{shard name: stats}: the same stages, tally and commit as precompute(), in this process without Ray, on CPU.
+
+    For tests and the benchmark's baseline; no _report.json or _SUCCESS is written.
+    """
+    out_schema = output_schema(cfg)
+    read = ReadShard(cfg.read_batch_rows)
+    decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
+    vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
+    text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens)
+    write = SpoolWriter(out_uri, source, cfg.resolutions, out_schema)
+    tracker = _ShardTracker(content_fingerprint(cfg, source), shards)
+    done = {}
+    for name, uri in shards.items():
+        for batch in read({"uri": np.array([uri], object), "shard": np.array([name], object)}):
+            summary = write(text(vae(decode(batch))))
+            for i in range(len(summary["shard"])):
+                stats = tracker.add({k: v[i] for k, v in summary.items()})
+                if stats is not None:
+                    done[name] = commit_shard(out_uri, stats, tracker.spools[name], out_schema, cfg.row_group_rows)
+        if name not in done:
+            raise RuntimeError(f"shard {name!r}: {tracker.seen[name]} rows spooled but its end row never came")
+    return done
+
+
 def _resolve_device(cfg: PrecomputeConfig) -> tuple[str, str]:
     import ray
 
@@ -242,9 +273,7 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
         _check_fingerprint(report.get("fingerprint"), fingerprint, report_uri)
         return report
     shards = list_shards(shards_uri, cfg.require_complete_input)
-    dims = encoder_dims(cfg)
-    out_schema = schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"],
-                                      dims["text_tokens"], dims["text_width"])
+    out_schema = output_schema(cfg)
     stats = {}
     for name in shards:
         if storage.exists(part_uri(out_uri, name)):

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import schema, storage
 from pipeline.images import prepare
@@ -325,9 +324,7 @@ class SpoolWriter:
             if len(good):
                 table = rows_table(batch, good, self.source, self.resolutions, self.out_schema)
                 spool = storage.join(self.out_uri, SPOOL_DIR, name, f"{uuid.uuid4().hex}.parquet")
-                buf = io.BytesIO()
-                pq.write_table(table, buf)
-                storage.write_bytes(spool, buf.getvalue())
+                storage.write_parquet(spool, table)
             ends = np.flatnonzero(mine & is_end)
             skipped, handled = row_counts(batch, samples, self.resolutions)
             summary["shard"].append(name)

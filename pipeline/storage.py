@@ -109,6 +109,25 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
+def write_parquet(uri: str, table, **kwargs) -> None:
+    """Write a pyarrow Table as one Parquet object, atomically (kwargs go to pyarrow.parquet.write_table)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A Parquet file from a local path or s3:// URI as a pyarrow Table (optionally only `columns`)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
 def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
     """Sorted URIs of the files under `uri` whose names end with `suffix` (hidden temporaries skipped)."""
     fs, path = filesystem(uri)

@@ -22,6 +22,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.images import to_signed
+
 COLOURS = {  # saturated and far apart, so a sample's dominant colour names its caption
     "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220),
     "yellow": (245, 210, 30), "purple": (140, 50, 180), "orange": (245, 130, 20),
@@ -106,8 +108,7 @@ def render(spec: ShapeSpec, width: int, height: int | None = None) -> Image.Imag
 
 def render_array(spec: ShapeSpec, size: int) -> np.ndarray:
     """`spec` as a (3, size, size) float32 array in [-1, 1], the layout of preprocessed and decoded samples."""
-    a = np.asarray(render(spec, size), dtype=np.float32)  # (H, W, 3) in 0..255
-    return np.ascontiguousarray((a / 127.5 - 1.0).transpose(2, 0, 1))
+    return to_signed(np.asarray(render(spec, size)))  # (3, size, size)
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -149,16 +150,13 @@ class SyntheticDataset:
     def write_url_list(self, uri: str, base_url: str) -> str:
         """Write the rows as a Parquet URL list (url, caption) to a local path or s3:// URI, atomically."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from pipeline import storage
 
         rows = self.rows(base_url)
         table = pa.table({"url": pa.array([r["url"] for r in rows], pa.string()),
                           "caption": pa.array([r["caption"] for r in rows], pa.string())})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        storage.write_bytes(uri, buf.getvalue())
+        storage.write_parquet(uri, table)
         return uri
 
 

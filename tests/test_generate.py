@@ -137,6 +137,11 @@ def test_bad_inputs(export, tmp_path):
     missing = str(tmp_path / "no-export")
     with pytest.raises(FileNotFoundError, match="no-export.*ema.safetensors"):
         generate(missing, PROMPTS, str(tmp_path / "o"), GenerateConfig(**FAST))
+    damaged = write_export(tmp_path / "damaged", _random_model(0))
+    with open(os.path.join(damaged, "ema.safetensors"), "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(ValueError, match="damaged.*ema.safetensors' are not a readable safetensors file"):
+        generate(damaged, PROMPTS, str(tmp_path / "o"), GenerateConfig(**FAST))
 
 
 def test_config_that_does_not_match_weights(tmp_path):

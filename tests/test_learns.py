@@ -13,8 +13,6 @@ from model.sampler import HeunSampler, make_noise
 PAIRS, BATCH, STEPS, EVAL_REPEATS = 4, 8, 250, 8
 
 
-
-
 @pytest.mark.slow  # about 45 s of CPU on one core
 def test_debug_model_memorises_pairs_and_samples_them():
     torch.manual_seed(0)

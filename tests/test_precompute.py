@@ -22,9 +22,9 @@ from PIL import Image
 from pipeline import schema, storage
 from pipeline.configs import from_dict
 from pipeline.images import prepare
-from pipeline.precompute import (PrecomputeConfig, commit_shard, content_fingerprint, list_shards, precompute,
-                                 read_part_stats)
-from pipeline.precompute_stages import DecodeImages, EncodeCaptions, EncodeImages, ReadShard, SpoolWriter
+from pipeline.precompute import (PrecomputeConfig, content_fingerprint, list_shards, precompute,
+                                 precompute_locally, read_part_stats)
+from pipeline.precompute_stages import EncodeImages
 
 REPO = Path(__file__).resolve().parents[1]
 RES = [64, 128]
@@ -194,31 +194,8 @@ def test_config_is_strict_and_checked(tmp_path):
 
 
 def run_stages_in_process(tar: Path, out: Path, cfg: PrecomputeConfig) -> pa.Table:
-    """The Ray Data stages applied by hand to one shard, then committed: the same code without Ray."""
-    from pipeline.precompute import encoder_dims
-
-    dims = encoder_dims(cfg)
-    out_schema = schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"],
-                                      dims["text_tokens"], dims["text_width"])
-    read = ReadShard(cfg.read_batch_rows)
-    decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
-    vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
-    text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens)
-    write = SpoolWriter(str(out), "src", cfg.resolutions, out_schema)
-    summaries = [write(text(vae(decode(b))))
-                 for b in read({"uri": np.array([str(tar)], object), "shard": np.array([tar.stem], object)})]
-    spools = [str(s) for sm in summaries for s in sm["spool"] if s]
-    skipped, handled = {}, {}
-    for sm in summaries:
-        for k, v in json.loads(sm["skipped"][0]).items():
-            skipped[k] = skipped.get(k, 0) + v
-        for k, v in json.loads(sm["handled"][0]).items():
-            handled[k] = handled.get(k, 0) + v
-    total = [int(t) for sm in summaries for t in sm["total"] if t >= 0]
-    rows = sum(int(sm["written"][0]) for sm in summaries)
-    stats = {"shard": tar.stem, "rows": rows, "samples": total[0], "skipped": skipped, "handled": handled,
-             "error": "", "fingerprint": {}}
-    commit_shard(str(out), stats, spools, out_schema, cfg.row_group_rows)
+    """The Ray Data stages applied in this process to one shard, then committed: the same code without Ray."""
+    precompute_locally({tar.stem: str(tar)}, str(out), cfg, "src")
     return pq.read_table(str(out / f"part-{tar.stem}.parquet"))
 
 

@@ -165,6 +165,8 @@ def test_compare_report(tmp_path):
         assert valid_png(tmp_path / "cmp" / name)
     with pytest.raises(FileNotFoundError, match="no training metrics"):
         compare_report(masked, str(tmp_path / "nothing"), str(tmp_path / "cmp2"))
+    with pytest.raises(ValueError, match="two distinct names"):
+        compare_report(masked, plain, str(tmp_path / "cmp3"), labels=("a", "b", "c"))
 
 
 def test_report_on_s3(tmp_path, s3_endpoint, s3_bucket, monkeypatch):

@@ -152,6 +152,11 @@ def test_diffusiondb_bad_metadata(tmp_path):
     pq.write_table(pa.table({"image_name": ["a.png"], "prompt": ["x"]}), root / "metadata.parquet")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['part_id', 'image_nsfw'\].*columns found"):
         sources.prepare("diffusiondb", {"root": str(root)}, str(tmp_path / "o"))
+    pq.write_table(pa.table({"image_name": ["a.png"], "prompt": ["x"], "part_id": [1], "image_nsfw": [0.0]}),
+                   root / "metadata.parquet")
+    with pytest.raises(ValueError, match=r"nsfw_columns \['prompt_nswf'\] are not in"):  # a typo filters nothing
+        sources.prepare("diffusiondb", {"root": str(root), "nsfw_columns": ["image_nsfw", "prompt_nswf"]},
+                        str(tmp_path / "o"))
 
 
 # ------------------------------------------------------------------------------------------- journeydb
@@ -163,6 +168,7 @@ def test_journeydb_annotations_and_tgz_archives(tmp_path):
         {"img_path": "./000/u1.jpg", "prompt": "a cat --v 5", "Task2": {"Caption": "A cat."}},
         {"img_path": "./000/u2.png", "prompt": "tiny", "Task2": {"Caption": "Tiny."}},
         {"img_path": "./001/u3.jpg", "prompt": "a castle", "Task2": {"Caption": "A castle."}},
+        {"img_path": "./001/u3.jpg", "prompt": "a castle", "Task2": {"Caption": "A castle."}},  # listed twice
         {"img_path": "./002/u4.jpg", "prompt": "archive not downloaded", "Task2": {"Caption": "x"}},
     ]
     jsonl = "\n".join(json.dumps(a) for a in anno).encode()
@@ -182,6 +188,7 @@ def test_journeydb_annotations_and_tgz_archives(tmp_path):
     assert got["a cat --v 5"]["size"] == (85, 64) and got["a castle"]["size"] == (60, 90)
     assert got["a castle"]["shard"] == "00001.tar"
     assert report["rows_in_absent_archives"] == 1 and report["failures_by_reason"] == {"too_small": 1}
+    assert report["duplicate_annotations"] == 1 and report["images_written"] == 2
 
     caps = sources.prepare("journeydb", {**opts, "caption_field": "caption"}, str(tmp_path / "out2"))
     assert {s["caption"] for s in samples(tmp_path / "out2")} == {"A cat.", "A castle."}

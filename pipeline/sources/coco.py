@@ -10,13 +10,11 @@ key in the shards, or null where the size policy dropped it, so FID/CLIP-score c
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.sources.archives import chunk_tasks, read_listed_images
@@ -77,9 +75,7 @@ def run(cfg: COCOConfig, out_uri: str) -> dict:
     def finalize(report: dict) -> dict:
         keys = _keys_by_image_id(out_uri)
         table = caps.append_column("key", pa.array([keys.get(i) for i in caps["image_id"].to_pylist()], pa.string()))
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        storage.write_bytes(storage.join(out_uri, EVAL_CAPTIONS), buf.getvalue())
+        storage.write_parquet(storage.join(out_uri, EVAL_CAPTIONS), table)
         return {"eval_captions": caps.num_rows, "eval_captions_uri": storage.join(out_uri, EVAL_CAPTIONS)}
 
     tasks = chunk_tasks(items, cfg.images_per_shard, cfg.images, read_listed_images)
@@ -89,8 +85,7 @@ def run(cfg: COCOConfig, out_uri: str) -> dict:
 def _keys_by_image_id(out_uri: str) -> dict[int, str]:
     keys = {}
     for sid in sorted(done_shards(out_uri)):
-        fs, path = storage.filesystem(storage.join(out_uri, shard_name(sid) + ".parquet"))
-        t = pq.read_table(path, filesystem=fs, columns=["key", "status", "extra"])
+        t = storage.read_parquet(storage.join(out_uri, shard_name(sid) + ".parquet"), ["key", "status", "extra"])
         for key, st, extra in zip(t["key"].to_pylist(), t["status"].to_pylist(), t["extra"].to_pylist()):
             if st == "success":
                 keys[json.loads(extra)["image_id"]] = key

@@ -83,15 +83,20 @@ def run(cfg: DiffusionDBConfig, out_uri: str) -> dict:
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ValueError(f"DiffusionDB metadata {meta_uri!r} lacks column(s) {missing}; columns found: {columns}")
-    nsfw = [c for c in cfg.nsfw_columns if c in columns]
-    t = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in REQUIRED + _EXTRA])
-    safe = None
+    unknown = [c for c in cfg.nsfw_columns if c not in columns]
+    if unknown:  # a misspelled score column must not silently turn the filter off
+        raise ValueError(f"nsfw_columns {unknown} are not in DiffusionDB metadata {meta_uri!r}; columns found: "
+                         f"{columns}")
+    nsfw = list(cfg.nsfw_columns)
+    t = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in REQUIRED + _EXTRA + tuple(nsfw)])
+    safe = pa.array(np.ones(t.num_rows, dtype=bool))  # nsfw_columns: [] keeps every row
     for c in nsfw:
         # Compare in the column's own precision: a float32 0.2 is 0.2000000030 as a double.
         thr = pa.scalar(cfg.nsfw_threshold, t[c].type if pa.types.is_floating(t[c].type) else pa.float64())
         ok = pc.fill_null(pc.less_equal(t[c], thr), False)  # unknown score: unsafe
-        safe = ok if safe is None else pc.and_(safe, ok)
+        safe = pc.and_(safe, ok)
     kept = t.filter(safe)
+    kept_rows = kept.num_rows
     parts = find_parts(cfg.root)
     if not parts:
         raise FileNotFoundError(f"no part-NNNNNN.zip archives below {cfg.root!r}")
@@ -105,6 +110,6 @@ def run(cfg: DiffusionDBConfig, out_uri: str) -> dict:
         lo, hi = np.searchsorted(pids, pid, "left"), np.searchsorted(pids, pid, "right")
         tasks.append(ArchiveTask(pid, os.path.basename(parts[pid]), _read_part,
                                  {"zip": parts[pid], "rows": kept.slice(lo, hi - lo)}))
-    extra = {"metadata_rows": t.num_rows, "nsfw_dropped": t.num_rows - t.filter(safe).num_rows,
+    extra = {"metadata_rows": t.num_rows, "nsfw_dropped": t.num_rows - kept_rows,
              "nsfw_threshold": cfg.nsfw_threshold, "nsfw_columns": nsfw, "rows_in_absent_parts": rows_absent}
     return ingest(tasks, out_uri, cfg.ingest, "diffusiondb", extra)

@@ -71,7 +71,7 @@ def run(cfg: JourneyDBConfig, out_uri: str) -> dict:
     if not archives:
         raise FileNotFoundError(f"no NNN.tgz image archives in {cfg.images!r}")
     rows: dict[str, dict[str, dict]] = {}
-    n = no_caption = absent = 0
+    n = no_caption = absent = duplicates = 0
     for rec in iter_jsonl(cfg.annotations):
         n += 1
         path = str(rec.get("img_path") or "").lstrip("./")
@@ -86,12 +86,18 @@ def run(cfg: JourneyDBConfig, out_uri: str) -> dict:
         if archive not in archives:
             absent += 1
             continue
-        rows.setdefault(archive, {})[stem(path)] = {"caption": caption, "img_path": rec["img_path"]}
+        wanted = rows.setdefault(archive, {})
+        duplicates += stem(path) in wanted  # the last record of an image wins; the others are counted
+        wanted[stem(path)] = {"caption": caption, "img_path": rec["img_path"]}
     if n == 0:
         raise ValueError(f"annotation file {cfg.annotations!r} holds no records")
-    tasks = [ArchiveTask(int(a) if a.isdigit() else i, os.path.basename(u), _read_archive,
+    # Shard id = NNN; archives with other names get ids after the numbered ones, so no two share a shard.
+    numbered = [int(a) for a in archives if a.isdigit()]
+    other = iter(range(max(numbered, default=-1) + 1, 1 << 62))
+    tasks = [ArchiveTask(int(a) if a.isdigit() else next(other), os.path.basename(u), _read_archive,
                          {"tar": u, "rows": rows.get(a, {})})
-             for i, (a, u) in enumerate(sorted(archives.items()))]
+             for a, u in sorted(archives.items())]
     extra = {"annotations": n, "no_caption": no_caption, "rows_in_absent_archives": absent,
+             "duplicate_annotations": duplicates,
              "caption_field": cfg.caption_field}
     return ingest(tasks, out_uri, cfg.ingest, "journeydb", extra)

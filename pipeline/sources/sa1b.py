@@ -48,10 +48,7 @@ def load_caption_map(uri: str) -> dict[str, str]:
             raise ValueError(f"{uri!r}: expected a JSON object mapping image ids to captions")
         return {_norm_id(k): str(v) for k, v in data.items()}
     if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        fs, path = storage.filesystem(uri)
-        records = pq.read_table(path, filesystem=fs).to_pylist()
+        records = storage.read_parquet(uri).to_pylist()
     elif uri.endswith((".jsonl", ".jsonl.gz")):
         records = iter_jsonl(uri)
     else:

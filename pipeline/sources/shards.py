@@ -335,8 +335,7 @@ def summarize(folder: str) -> dict:
     done = done_shards(folder)
     written, failures = 0, Counter()
     for sid in sorted(done):
-        fs, path = storage.filesystem(storage.join(folder, shard_name(sid) + ".parquet"))
-        t = pq.read_table(path, columns=["status", "error_message"], filesystem=fs)
+        t = storage.read_parquet(storage.join(folder, shard_name(sid) + ".parquet"), ["status", "error_message"])
         for st, msg in zip(t["status"].to_pylist(), t["error_message"].to_pylist()):
             if st == "success":
                 written += 1

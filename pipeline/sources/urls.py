@@ -1,7 +1,6 @@
 """Writing a source's URL list: one Parquet file (url, caption, extra columns), atomically, once."""
 from __future__ import annotations
 
-import io
 import json
 
 import pyarrow as pa
@@ -23,9 +22,7 @@ def write_url_table(table: pa.Table, out_uri: str, report: dict) -> dict:
             raise ValueError(f"URL table for {out_uri!r} lacks column {col!r}; has {table.column_names}")
     report = {**report, "rows": table.num_rows, "out_uri": out_uri}
     meta = dict(table.schema.metadata or {}) | {_META_KEY: json.dumps(report, sort_keys=True).encode()}
-    buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(meta), buf)
-    storage.write_bytes(out_uri, buf.getvalue())
+    storage.write_parquet(out_uri, table.replace_schema_metadata(meta))
     return report
 
 

@@ -10,10 +10,12 @@ import hashlib
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pipeline import storage
 from pipeline.train import checkpoint as ckpt
@@ -80,124 +82,163 @@ def load_checkpoint(app, uri_or_ckpt, rank: int, world: int, model_cfg: dict, *,
         ckpt.load_local(app, folder, rank, world, restore_rng=same_stage)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: build, shard, resume, train `stage.steps` steps, checkpoint, export."""
+@dataclass
+class Worker:
+    """One rank's training state: the sharded model, optimizer, EMA and counters, with its stage settings."""
+
+    stage: StageConfig
+    config: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Any
+    train: ckpt.TrainState
+
+    @property
+    def app(self) -> ckpt.AppState:
+        return ckpt.AppState(self.model, self.optimizer, self.ema, self.train)
+
+
+def build_worker(config: dict[str, Any]) -> Worker:
+    """Build the model on CPU (same seed on every rank), shard it, then resume or start as the stage says."""
     import ray.train
     import ray.train.torch
-    from model.edm import EDMConfig, drop_captions, edm_loss
     from model.ema import EMA
-    from model.optim import apply_lr, build_optimizer
+    from model.optim import build_optimizer
 
     stage = stage_config(config["stage"])
-    model_cfg, stage_uri = config["model"], config["stage_uri"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if stage.use_gpu else torch.device("cpu")
     resume = ray.train.get_checkpoint()
 
-    # Build on CPU with one seed (identical on every rank), then shard: each rank keeps its slice.
-    model = build_model(model_cfg, stage, None if resume else config.get("init_weights"))
+    model = build_model(config["model"], stage, None if resume else config.get("init_weights"))
     model = parallelize(model, build_mesh(world, device.type), bf16=device.type == "cuda",
                         compile=stage.compile, activation_checkpointing=stage.activation_checkpointing)
     o = stage.optimizer
     optimizer = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay, o.moe_lr_scale)
     ema = EMA(model, stage.ema.decay, stage.ema.start_step, stage.ema.update_every)
-    train = ckpt.TrainState()
-    app = ckpt.AppState(model, optimizer, ema, train)
+    w = Worker(stage, config, rank, world, device, model, optimizer, ema, ckpt.TrainState())
     if resume is not None:  # this stage's own latest checkpoint: continue exactly
-        load_checkpoint(app, resume, rank, world, model_cfg, same_stage=True)
+        load_checkpoint(w.app, resume, rank, world, config["model"], same_stage=True)
     elif config.get("init_checkpoint"):  # another stage's final full state: continue its counters and moments
-        load_checkpoint(app, config["init_checkpoint"], rank, world, model_cfg, same_stage=False)
-        train.stage_step, train.data = 0, {}
-        train.nonfinite_total = train.nonfinite_consecutive = 0
+        load_checkpoint(w.app, config["init_checkpoint"], rank, world, config["model"], same_stage=False)
+        w.train.stage_step, w.train.data = 0, {}
+        w.train.nonfinite_total = w.train.nonfinite_consecutive = 0
     apply_stage_hyperparams(optimizer, ema, stage)
+    return w
 
-    shards = {name: ray.train.get_dataset_shard(name) for name in config["weights_by_dataset"]}
-    stream = MixtureStream(shards, config["weights_by_dataset"], stage.micro_batch, stage.seed,
-                           stage.shuffle_buffer, rank)
-    stream.load_state_dict(train.data)
-    logger = MetricsLogger(stage_uri, train.stage_step) if rank == 0 else None
+
+def train_step(w: Worker, stream: MixtureStream, step: int, edm) -> tuple[float, float, bool]:
+    """One optimizer step: accumulate, global non-finite check, clip, AdamW, EMA -> (loss, grad norm, stepped)."""
+    from model.edm import drop_captions, edm_loss
+
+    stage, model, device = w.stage, w.model, w.device
+    accum = stage.accumulation_steps()
+
+    # 1. accumulate gradients over micro-batches (FSDP reduce-scatters them, averaged over ranks)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        batch = stream.next(step, micro)
+        latents = batch["latents"].to(device, torch.float32, non_blocking=True)  # (B, C, H, W)
+        caption = batch["caption"].to(device, torch.float32, non_blocking=True)  # (B, L, D)
+        gen = micro_generator(stage, step, micro, w.rank, device)
+        caption = drop_captions(caption, stage.caption_dropout, gen)  # zeros: the CFG unconditional
+        loss, _ = edm_loss(model, latents, caption, edm, stage.mask_ratio, gen)
+        if step in stage.debug.nan_loss_steps:
+            loss = loss * float("nan")
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+
+    # 2. one global verdict: the mean loss and whether any rank saw a non-finite loss
+    stats = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float()])
+    dist.all_reduce(stats)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    finite = bool(stats[1] == 0) and bool(torch.isfinite(grad_norm))
+
+    # 3. step, or skip a non-finite step (gradients dropped, counted; too many in a row stop the stage)
+    t = w.train
+    if finite:
+        w.optimizer.step()
+        w.ema.update(model, step)
+        t.nonfinite_consecutive = 0
+    else:
+        t.nonfinite_total += 1
+        t.nonfinite_consecutive += 1
+    w.optimizer.zero_grad(set_to_none=True)
+    if t.nonfinite_consecutive > stage.max_consecutive_nonfinite:
+        raise RuntimeError(f"stage {stage.name!r}: {t.nonfinite_consecutive} non-finite steps in a row "
+                           f"(limit max_consecutive_nonfinite={stage.max_consecutive_nonfinite}) at step {step}")
+    return float(stats[0] / w.world), float(grad_norm), finite
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: build, shard, resume, train the stage's steps, checkpoint, sample, export."""
+    import ray.train
+    from model.edm import EDMConfig
+    from model.optim import apply_lr
+
+    w = build_worker(config)
+    stage, t = w.stage, w.train
+    stream = MixtureStream({n: ray.train.get_dataset_shard(n) for n in config["weights_by_dataset"]},
+                           config["weights_by_dataset"], stage.micro_batch, stage.seed, stage.shuffle_buffer, w.rank)
+    stream.load_state_dict(t.data)
+    logger = MetricsLogger(config["stage_uri"], t.stage_step) if w.rank == 0 else None
     edm = EDMConfig(sigma_data=stage.sigma_data, p_mean=stage.p_mean, p_std=stage.p_std)
-    accum, lr_fn = stage.accumulation_steps(), stage.lr_lambda()
-    flops, peak = config["flops_per_sample"], peak_flops(stage.peak_flops) if device.type == "cuda" else None
-    prompts = torch.as_tensor(config["prompts"], dtype=torch.float32, device=device)  # (K, L, D)
+    lr_fn = stage.lr_lambda()
+    peak = peak_flops(stage.peak_flops) if w.device.type == "cuda" else None
+    prompts = torch.as_tensor(config["prompts"], dtype=torch.float32, device=w.device)  # (K, L, D)
     window_t, window_steps = time.perf_counter(), 0
-    model.train()
+    w.model.train()
 
-    while train.stage_step < stage.steps:
-        step = train.stage_step
-        maybe_crash(stage, stage_uri, step, rank)
-        lr = o.lr * lr_fn(step)
-        apply_lr(optimizer, lr)
-
-        # 1. accumulate gradients over micro-batches (FSDP reduce-scatters them, averaged over ranks)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            batch = stream.next(step, micro)
-            latents = batch["latents"].to(device, torch.float32, non_blocking=True)  # (B, C, H, W)
-            caption = batch["caption"].to(device, torch.float32, non_blocking=True)  # (B, L, D)
-            gen = micro_generator(stage, step, micro, rank, device)
-            caption = drop_captions(caption, stage.caption_dropout, gen)  # zeros: the CFG unconditional
-            loss, _ = edm_loss(model, latents, caption, edm, stage.mask_ratio, gen)
-            if step in stage.debug.nan_loss_steps:
-                loss = loss * float("nan")
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-
-        # 2. one global verdict: the mean loss and whether any rank saw a non-finite loss
-        stats = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float()])
-        dist.all_reduce(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = bool(stats[1] == 0) and bool(torch.isfinite(grad_norm))
-
-        # 3. step, or skip a non-finite step (gradients dropped, counted)
-        if finite:
-            optimizer.step()
-            ema.update(model, step)
-            train.nonfinite_consecutive = 0
-        else:
-            train.nonfinite_total += 1
-            train.nonfinite_consecutive += 1
-        optimizer.zero_grad(set_to_none=True)
-        if train.nonfinite_consecutive > stage.max_consecutive_nonfinite:
-            raise RuntimeError(f"stage {stage.name!r}: {train.nonfinite_consecutive} non-finite steps in a row "
-                               f"(limit max_consecutive_nonfinite={stage.max_consecutive_nonfinite}) at step {step}")
-        train.stage_step += 1
-        train.global_step += 1
-        train.data = stream.state_dict()
+    while t.stage_step < stage.steps:
+        step = t.stage_step
+        maybe_crash(stage, config["stage_uri"], step, w.rank)
+        lr = stage.optimizer.lr * lr_fn(step)
+        apply_lr(w.optimizer, lr)
+        loss, grad_norm, stepped = train_step(w, stream, step, edm)
+        t.stage_step, t.global_step, t.data = step + 1, t.global_step + 1, stream.state_dict()
         window_steps += 1
-        done = train.stage_step == stage.steps
+        done = t.stage_step == stage.steps
 
-        # 4. metrics, checkpoints, samples
-        if train.stage_step % stage.log_every == 0 or done:
+        # metrics, checkpoints, samples
+        if t.stage_step % stage.log_every == 0 or done:
             elapsed = time.perf_counter() - window_t
             sps = window_steps * stage.global_batch / max(elapsed, 1e-9)
-            row = {"step": train.stage_step, "global_step": train.global_step, "loss": float(stats[0] / world),
-                   "grad_norm": float(grad_norm), "lr": lr, "samples_per_s": sps, "step_s": elapsed / window_steps,
-                   "nonfinite_total": train.nonfinite_total, "skipped": not finite, **memory_gb()}
+            row = {"step": t.stage_step, "global_step": t.global_step, "loss": loss, "grad_norm": grad_norm,
+                   "lr": lr, "samples_per_s": sps, "step_s": elapsed / window_steps,
+                   "nonfinite_total": t.nonfinite_total, "skipped": not stepped, **memory_gb()}
             if peak:
-                row["mfu"] = sps * flops / (peak * world)
+                row["mfu"] = sps * config["flops_per_sample"] / (peak * w.world)
             if logger:
                 logger.log(row)
             window_t, window_steps = time.perf_counter(), 0
-        stop = stage.debug.stop_at_step is not None and train.stage_step == stage.debug.stop_at_step
-        if train.stage_step % stage.checkpoint_every == 0 or done or stop:
-            save_checkpoint(app, rank, world, config, {"step": train.stage_step, "loss": float(stats[0] / world)})
-        if stage.sample_every and train.stage_step % stage.sample_every == 0 and not done:
-            maybe_sample(model, ema, prompts, stage, config, train.stage_step, rank)
+        stop = stage.debug.stop_at_step is not None and t.stage_step == stage.debug.stop_at_step
+        if t.stage_step % stage.checkpoint_every == 0 or done or stop:
+            save_checkpoint(w.app, w.rank, w.world, config, {"step": t.stage_step, "loss": loss})
+        if stage.sample_every and t.stage_step % stage.sample_every == 0 and not done:
+            maybe_sample(w.model, w.ema, prompts, stage, config, t.stage_step, w.rank)
         if stop:
             if logger:
                 logger.close()
             return
 
-    maybe_sample(model, ema, prompts, stage, config, train.stage_step, rank)
-    model_sd, ema_sd = ckpt.full_state_dicts(model, ema)
-    if rank == 0:
-        final = storage.join(stage_uri, ckpt.checkpoint_dir_name(train.stage_step))
+    maybe_sample(w.model, w.ema, prompts, stage, config, t.stage_step, w.rank)
+    finish(w, logger)
+
+
+def finish(w: Worker, logger: MetricsLogger | None) -> None:
+    """Gather full weights and EMA, and (rank 0) write the export with its marker last."""
+    model_sd, ema_sd = ckpt.full_state_dicts(w.model, w.ema)
+    if w.rank == 0:
+        t, config = w.train, w.config
+        final = storage.join(config["stage_uri"], ckpt.checkpoint_dir_name(t.stage_step))
         ckpt.export(config["export_uri"], model_sd, ema_sd, {
-            "model": model_cfg, "stage": config["stage"], "step": train.stage_step,
-            "global_step": train.global_step, "final_checkpoint": final, "nonfinite_total": train.nonfinite_total})
+            "model": config["model"], "stage": config["stage"], "step": t.stage_step,
+            "global_step": t.global_step, "final_checkpoint": final, "nonfinite_total": t.nonfinite_total})
         logger.close()
     dist.barrier()
 
