@@ -5,7 +5,8 @@ samples/s and MFU at the stage 1 and stage 3 shapes on one GPU.
     python -m bench.train_throughput --mode gpu                 # XL_2, bf16, compile off/on, largest micro-batch
 
 CPU: both loops train MicroDiT_Debug on the same Parquet latents with the same global batch; the figure is
-samples/s of each (warm-up steps dropped) and their ratio, measured in the same run.
+samples/s of each (warm-up steps dropped) and their ratio, measured in the same run. The plain loop runs
+first with all of torch's threads and with one; Ray Train runs 2 workers (one thread each), gloo, FSDP2.
 """
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def cpu_bench(args) -> dict:
 
     root = tempfile.mkdtemp(prefix="mdit-bench-")
     data = {"synth": write_latents(f"{root}/data/latents/synth", rows=args.rows)}
+    table = pq.read_table(sorted(Path(data["synth"]).glob("*.parquet"))[0])
+    latents = torch.from_numpy(schema.read_tensor(table, "latents_64"))
+    captions = torch.from_numpy(schema.read_tensor(table, "caption_states"))
+    plain = {}
+    for threads in (torch.get_num_threads(), 1):  # all cores in one process, and one thread (as each worker)
+        torch.set_num_threads(threads)
+        plain[threads] = plain_loop(latents, captions, args.preset, args.global_batch, args.steps, 0.5, args.warmup)
+
     stage = tiny_stage(name="bench", steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
                        checkpoint_every=args.steps, log_every=1, sample_prompts=0, max_failures=0)
     t = time.perf_counter()
@@ -70,14 +79,11 @@ def cpu_bench(args) -> dict:
     wall = time.perf_counter() - t
     rows = read_metrics(f"{root}/train/bench")[args.warmup:]
     ray_sps = args.global_batch * len(rows) / sum(r["step_s"] for r in rows)
-
-    table = pq.read_table(sorted(Path(data["synth"]).glob("*.parquet"))[0])
-    latents = torch.from_numpy(schema.read_tensor(table, "latents_64"))
-    captions = torch.from_numpy(schema.read_tensor(table, "caption_states"))
-    plain_sps = plain_loop(latents, captions, args.preset, args.global_batch, args.steps, 0.5, args.warmup)
+    best = max(plain.values())
     return {"mode": "cpu", "preset": args.preset, "global_batch": args.global_batch, "steps": args.steps,
-            "ray_train_samples_per_s": ray_sps, "plain_samples_per_s": plain_sps,
-            "ratio_ray_over_plain": ray_sps / plain_sps, "ray_stage_wall_s": wall}
+            "ray_train_samples_per_s": ray_sps,
+            **{f"plain_{t}_threads_samples_per_s": v for t, v in plain.items()},
+            "ratio_ray_over_best_plain": ray_sps / best, "ray_stage_wall_s": wall}
 
 
 def gpu_point(preset: str, side: int, mask_ratio: float, micro: int, compile: bool, steps: int) -> float:

@@ -244,6 +244,7 @@ def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConf
                     done[name] = commit_shard(out_uri, stats, tracker.spools[name], out_schema, cfg.row_group_rows)
         if name not in done:
             raise RuntimeError(f"shard {name!r}: {tracker.seen[name]} rows spooled but its end row never came")
+    storage.delete(storage.join(out_uri, SPOOL_DIR))  # committed spools are gone; drop their empty folders
     return done
 
 

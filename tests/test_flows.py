@@ -19,7 +19,8 @@ import pytest
 
 from flows.local_stack import RAY_AUTH
 
-pytestmark = pytest.mark.slow
+# The shared fixture (a kill, a resume and a full rerun) takes a few minutes on 2 idle cores; allow for load.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny.yaml")
