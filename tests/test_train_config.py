@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import schema
-from pipeline.train.config import StageConfig, load_stages, stage_config
+from pipeline.train.config import load_stages, stage_config
 from pipeline.train.data import DecodeLatents, MixtureStream, mixture_weights
 
 REPO = Path(__file__).resolve().parents[1]
