@@ -29,7 +29,8 @@ def reference(ray_address, data, tmp_path_factory):
     from pipeline.train import train_stage
 
     root = str(tmp_path_factory.mktemp("ref"))
-    out = train_stage(tiny_stage(debug={"nan_loss_steps": [4]}), "MicroDiT_Debug", root, data, vae="standin")
+    out = train_stage(tiny_stage(debug={"nan_loss_steps": [4]}), "MicroDiT_Debug", root, data, vae="standin",
+                      text="tiny")
     assert out == f"{root}/train/s1/export"
     yield root
     ray.shutdown()
@@ -68,6 +69,7 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     config = json.loads((export / "config.json").read_text())
     assert config["step"] == 8 and config["global_step"] == 8 and config["stage"]["name"] == "s1"
     assert config["model"]["input_size"] == 16 and config["model"]["pos_interp_scale"] == 1.0
+    assert config["encoders"] == {"vae": "standin", "text": "tiny"}  # generate needs no flags
 
     rows = read_metrics(str(stage_dir))
     assert [r["skipped"] for r in rows] == [i == 4 for i in range(8)]  # step index 4 -> logged as step 5

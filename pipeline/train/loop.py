@@ -237,7 +237,7 @@ def finish(w: Worker, logger: MetricsLogger | None) -> None:
         t, config = w.train, w.config
         final = storage.join(config["stage_uri"], ckpt.checkpoint_dir_name(t.stage_step))
         ckpt.export(config["export_uri"], model_sd, ema_sd, {
-            "model": config["model"], "stage": config["stage"], "step": t.stage_step,
+            "model": config["model"], "stage": config["stage"], "encoders": config["encoders"], "step": t.stage_step,
             "global_step": t.global_step, "final_checkpoint": final, "nonfinite_total": t.nonfinite_total})
         logger.close()
     dist.barrier()

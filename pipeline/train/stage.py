@@ -113,12 +113,14 @@ def resolve_init(root: str, stage: StageConfig, model_dict: dict) -> dict[str, A
 
 
 def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mapping[str, str] | None = None, *,
-                vae: str | None = None, ray_address: str | None = None) -> str:
+                vae: str | None = None, text: str | None = None, ray_address: str | None = None) -> str:
     """Train one stage on Ray Train and return its export URI ({root}/train/{stage}/export).
 
     `model`: ModelConfig, preset name or {"preset", **overrides} (input_size and pos_interp_scale are set
     from the data and the stage); `latents`: source -> latents folder (default: every finished one under
-    {root}/data/latents); `vae`: VAE spec to decode sample grids (None: latent channels shown as RGB).
+    {root}/data/latents); `vae`: VAE spec to decode sample grids (None: latent channels shown as RGB);
+    `vae` and `text` (the encoder specs the latents were made with) are recorded in the export's config.json,
+    so `microdit generate` can draw from an export alone.
     """
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -152,6 +154,7 @@ def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mappi
         storage.write_json(storage.join(run, "samples", "prompts.json"), captions)
     config = {
         "stage": to_dict(stage), "model": model_dict, "stage_uri": run, "export_uri": out, "vae": vae,
+        "encoders": {"vae": vae, "text": text},
         "weights_by_dataset": {dataset_name(s, used): w for s, w in weights.items()},
         "latent_shape": shapes["latent_shape"], "prompts": prompts,
         "flops_per_sample": flops_per_sample(model_cfg, stage.mask_ratio), **init,
