@@ -84,7 +84,7 @@ def download_and_precompute(cfg: RunConfig, forced: set[str]) -> dict[str, str]:
 def train(cfg: RunConfig, stage: str, latents: dict[str, str], forced: set[str]) -> str:
     return run_step(tasks.train_task, stage, forced, [cfg.stage_uri(stage)], stage=tasks.plain(cfg.stage(stage)),
                     model=dict(cfg.model), root=cfg.storage, latents=latents, vae=cfg.encoders.vae,
-                    code=code_version("train"), ray_address=ray_address_of(cfg))
+                    text=cfg.encoders.text, code=code_version("train"), ray_address=ray_address_of(cfg))
 
 
 def sample(cfg: RunConfig, export: str, out_uri: str, forced: set[str], name: str = "sample") -> str:

@@ -78,12 +78,12 @@ def precompute_task(source: str, shards_uri: str, latents_uri: str, precompute: 
 
 @task(name="train", task_run_name="train-{stage[name]}", **_STEP, retries=1, retry_delay_seconds=30,
       retry_condition_fn=retry_unless_bad_input)  # a retry resumes from the stage's last checkpoint
-def train_task(stage: dict, model: dict, root: str, latents: dict[str, str], vae: str, code: str,
+def train_task(stage: dict, model: dict, root: str, latents: dict[str, str], vae: str, text: str, code: str,
                ray_address: str | None = None) -> str:
     """Train one stage with Ray Train (resumes from its own checkpoints); returns its export URI."""
     from pipeline.train import stage_config, train_stage
 
-    return train_stage(stage_config(stage), model, root, latents, vae=vae, ray_address=ray_address)
+    return train_stage(stage_config(stage), model, root, latents, vae=vae, text=text, ray_address=ray_address)
 
 
 @task(name="sample", task_run_name="sample", **_STEP)
