@@ -83,6 +83,13 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from pipeline.generate import run_from_args
+
+    print("\n".join(run_from_args(args)))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Start the stack if needed, run the tiny recipe end to end, print where everything is."""
     import time
@@ -163,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--resume", action="store_true",
                        help="continue the stage from its last checkpoint instead of retraining it")
     stage.set_defaults(fn=cmd_stage)
+
+    from pipeline import generate
+
+    gen = sub.add_parser("generate", help="images from a stage's export (no stack needed)")
+    generate.build_parser(gen)
+    gen.set_defaults(fn=cmd_generate)
 
     demo = sub.add_parser("demo", help="`up` if needed, then the tiny recipe end to end on CPU")
     recipe_args(demo)

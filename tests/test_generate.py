@@ -187,3 +187,19 @@ def test_bfloat16_autocast_is_close_to_float32(export):
     assert next(gen.model.parameters()).dtype == torch.float32  # fp32 weights, bf16 matmuls
     diff = np.abs(a.astype(int) - b)
     assert 0 < diff.mean() < 4  # bf16 rounding shows, but the pictures are the same
+
+
+def test_cli_generate_from_an_export_alone(export, tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["generate", export, str(out), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "3"]) == 0
+    written = capsys.readouterr().out.split()
+    assert str(out / "grid.png") in written
+    image = Image.open(next(f for f in written if not f.endswith("grid.png")))
+    assert image.text["prompt"] == PROMPTS[0] and image.text["seed"] == "3"
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["generate", export, str(tmp_path / "none"), "--prompts-file", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err.lower()

@@ -112,7 +112,7 @@ def build_worker(config: dict[str, Any]) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if stage.use_gpu else torch.device("cpu")
-    resume = ray.train.get_checkpoint()
+    resume = ray.train.get_checkpoint() or config.get("resume_checkpoint")
 
     model = build_model(config["model"], stage, None if resume else config.get("init_weights"))
     model = parallelize(model, build_mesh(world, device.type), bf16=device.type == "cuda",

@@ -97,7 +97,9 @@ def resolve_init(root: str, stage: StageConfig, model_dict: dict) -> dict[str, A
     if own:  # resuming this stage: its own checkpoint wins over `init`; check it before starting workers
         ckpt.verify(own, check_crc=False)  # sizes here; rank 0 checks CRCs when it loads
         ckpt.check_model_config(own, model_dict)
-        return {}
+        # Named explicitly: a checkpoint folder committed just before the driver died is not yet in Ray
+        # Train's snapshot, and `get_checkpoint()` alone would then restart the stage from step 0.
+        return {"resume_checkpoint": own}
     if stage.init.kind == "scratch":
         return {}
     prev = stage.init.stage
