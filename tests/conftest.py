@@ -99,9 +99,10 @@ def ray_address(tmp_path_factory):
     token = state / "auth_token"
     token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
     token.chmod(0o600)
-    saved_auth = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env = pytest.MonkeyPatch()
+    env.delenv("RAY_AUTH_TOKEN", raising=False)
+    env.setenv("RAY_AUTH_MODE", "token")
+    env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -119,15 +120,10 @@ def ray_address(tmp_path_factory):
 
     try:
         _wait_until(up, 120, "ray head")
-        os.environ["RAY_ADDRESS"] = address
+        env.setenv("RAY_ADDRESS", address)
         yield address
     finally:
-        os.environ.pop("RAY_ADDRESS", None)
-        for k, v in saved_auth.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
         try:
             import ray
 
@@ -169,17 +165,14 @@ def prefect_server(tmp_path_factory):
         except OSError:
             return False
 
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    session_env = pytest.MonkeyPatch()
     try:
         _wait_until(up, 120, "prefect server")
-        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+        session_env.setenv("PREFECT_API_URL", api)
+        session_env.setenv("PREFECT_HOME", str(home))
         yield api
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        session_env.undo()
         _stop_group(proc)
         log.close()
 
