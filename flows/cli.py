@@ -60,6 +60,12 @@ def cmd_stage(args) -> int:
     return _follow("microdit/stage", params, args)
 
 
+def cmd_compare(args) -> int:
+    params = {"stage": args.stage, "recipe": _recipe(args.recipe), "overrides": args.set,
+              "budget_flops": args.budget_flops, "restart": not args.resume}
+    return _follow("microdit/compare", params, args)
+
+
 def cmd_status(args) -> int:
     from flows import follow
 
@@ -170,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--resume", action="store_true",
                        help="continue the stage from its last checkpoint instead of retraining it")
     stage.set_defaults(fn=cmd_stage)
+
+    compare = sub.add_parser("compare", help="one stage with and without masking at equal compute, from cached "
+                                              "latents, reported side by side (microdit/compare)")
+    compare.add_argument("--stage", default="stage1")
+    recipe_args(compare)
+    compare.add_argument("--budget-flops", type=float, default=None,
+                         help="training FLOPs per arm (default: what the recipe's stage costs)")
+    compare.add_argument("--resume", action="store_true",
+                         help="continue each arm from its checkpoints instead of retraining it")
+    compare.set_defaults(fn=cmd_compare)
 
     from pipeline import generate
 

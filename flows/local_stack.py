@@ -225,7 +225,7 @@ def dashboard_status(url: str) -> int:
         return 0
 
 
-def deployments_ready(since: float, names=("microdit/full-run", "microdit/stage")) -> bool:
+def deployments_ready(since: float, names=("microdit/full-run", "microdit/stage", "microdit/compare")) -> bool:
     """Every deployment exists and was polled by a runner after `since` (a UNIX time)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound

@@ -25,7 +25,7 @@ def microdit(*args: str, state: Path, timeout: int = 120) -> subprocess.Complete
                           timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("args", [["status"], ["run"], ["stage", "stage1"], ["down"]])
+@pytest.mark.parametrize("args", [["status"], ["run"], ["stage", "stage1"], ["compare"], ["down"]])
 def test_nothing_up_gives_a_plain_error(tmp_path, args):
     r = microdit(*args, state=tmp_path / "state")
     assert r.returncode != 0
