@@ -102,36 +102,36 @@ def save_local(app: AppState, folder: str, rank: int, world: int, extra_json: di
         json.dump(manifest, f, indent=1, sort_keys=True)
 
 
+def _read_checkpoint_json(uri: str, name: str) -> Any:
+    """A JSON file of checkpoint `uri`; missing or corrupt is a ValueError naming the file."""
+    file_uri = storage.join(uri, name)
+    try:
+        return storage.read_json(file_uri)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {uri!r} is incomplete: {file_uri!r} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint file {file_uri!r} is corrupt: {e}") from None
+
+
 def verify(uri: str, *, check_crc: bool) -> dict[str, Any]:
     """Check every rank's manifest against the files of checkpoint `uri`; returns its train_state.json."""
     import pyarrow.fs as pafs
 
-    state_uri = storage.join(uri, TRAIN_STATE)
-    try:
-        state = storage.read_json(state_uri)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {uri!r} is incomplete: {state_uri!r} is missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint file {state_uri!r} is corrupt: {e}") from None
+    state = _read_checkpoint_json(uri, TRAIN_STATE)
     fs, _ = storage.filesystem(uri)
     for rank in range(int(state.get("world_size", 1))):
-        m_uri = storage.join(uri, f"manifest_rank{rank}.json")
-        try:
-            manifest = storage.read_json(m_uri)
-        except FileNotFoundError:
-            raise ValueError(f"checkpoint {uri!r} is incomplete: {m_uri!r} is missing") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint file {m_uri!r} is corrupt: {e}") from None
+        m_name = f"manifest_rank{rank}.json"
+        manifest = _read_checkpoint_json(uri, m_name)
         for name, meta in manifest.items():
             f_uri = storage.join(uri, name)
             info = fs.get_file_info(storage.filesystem(f_uri)[1])
             if info.type == pafs.FileType.NotFound:
-                raise ValueError(f"checkpoint file {f_uri!r} is missing (listed in {m_uri!r})")
+                raise ValueError(f"checkpoint file {f_uri!r} is missing (listed in {m_name!r})")
             if info.size != meta["size"]:
                 raise ValueError(f"checkpoint file {f_uri!r} is truncated or damaged: {info.size} bytes, "
                                  f"expected {meta['size']}")
             if check_crc and not storage.is_s3(f_uri) and _crc(f_uri) != meta["crc32"]:
-                raise ValueError(f"checkpoint file {f_uri!r} is corrupt: CRC32 differs from {m_uri!r}")
+                raise ValueError(f"checkpoint file {f_uri!r} is corrupt: CRC32 differs from {m_name!r}")
     return state
 
 
