@@ -17,7 +17,7 @@ import threading
 import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,9 +78,24 @@ def all_specs() -> list[ShapeSpec]:
             itertools.product(COLOURS, SHAPES, BACKGROUNDS, POSITIONS, SIZES)]
 
 
-def random_spec(rng: random.Random) -> ShapeSpec:
+def _choices(name: str, values: Sequence[str] | None, allowed) -> list[str]:
+    """`values` checked against `allowed` (all of allowed when None); ValueError naming the allowed values."""
+    if values is None:
+        return list(allowed)
+    if isinstance(values, str):
+        values = [values]
+    values = list(values)
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"unknown {name}s {bad} (or none given); expected a non-empty subset of {list(allowed)}")
+    return values
+
+
+def random_spec(rng: random.Random, positions: Sequence[str] | None = None,
+                sizes: Sequence[str] | None = None) -> ShapeSpec:
+    """A uniformly random spec; `positions` / `sizes` restrict those attributes (None: all)."""
     return ShapeSpec(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS)),
-                     rng.choice(list(POSITIONS)), rng.choice(list(SIZES)))
+                     rng.choice(_choices("position", positions, POSITIONS)), rng.choice(_choices("size", sizes, SIZES)))
 
 
 def render(spec: ShapeSpec, width: int, height: int | None = None) -> Image.Image:
@@ -161,12 +176,18 @@ class SyntheticDataset:
 
 
 def write_synthetic_dataset(folder, n: int, size: int = 128, seed: int = 0, bad_fraction: float = 0.0,
-                            opt_out_fraction: float = 0.0, large_fraction: float = 0.5) -> SyntheticDataset:
+                            opt_out_fraction: float = 0.0, large_fraction: float = 0.5,
+                            positions: Sequence[str] | None = None,
+                            sizes: Sequence[str] | None = None) -> SyntheticDataset:
     """Write n captioned images (+ manifest.json, last) under folder/images; rerunning with the same args is a no-op.
 
     Short sides: `large_fraction` of images in [size, 1.25 size], the rest in [size/2, size); aspect up to 1.5.
     `bad_fraction` of entries cycle through BAD_KINDS; `opt_out_fraction` are served with X-Robots-Tag: noai.
+    `positions` / `sizes` restrict the drawn shapes to those names of POSITIONS / SIZES (None: all, the default);
+    fewer combinations make the dataset easier to learn from a few hundred images.
     """
+    position_names = _choices("position", positions, POSITIONS)
+    size_names = _choices("size", sizes, SIZES)
     if n < 0 or size < 8:
         raise ValueError(f"expected n >= 0 and size >= 8, got n={n}, size={size}")
     for name, frac in (("bad_fraction", bad_fraction), ("opt_out_fraction", opt_out_fraction),
@@ -177,6 +198,10 @@ def write_synthetic_dataset(folder, n: int, size: int = 128, seed: int = 0, bad_
         raise ValueError(f"bad_fraction + opt_out_fraction must be <= 1, got {bad_fraction + opt_out_fraction}")
     params = dict(n=n, size=size, seed=seed, bad_fraction=bad_fraction, opt_out_fraction=opt_out_fraction,
                   large_fraction=large_fraction)
+    if positions is not None:  # only when restricted, so unrestricted manifests (and their reuse) are unchanged
+        params["positions"] = position_names
+    if sizes is not None:
+        params["sizes"] = size_names
     folder = Path(folder)
     existing = load_synthetic_dataset(folder) if (folder / MANIFEST).is_file() else None
     if existing is not None and existing.params == params:
@@ -192,7 +217,7 @@ def write_synthetic_dataset(folder, n: int, size: int = 128, seed: int = 0, bad_
         kinds[i] = "opt_out"
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    entries = [_write_entry(folder, i, kinds[i], size, seed, large_fraction) for i in range(n)]
+    entries = [_write_entry(folder, i, kinds[i], size, seed, large_fraction, positions, sizes) for i in range(n)]
     ds = SyntheticDataset(str(folder), params, entries)
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"params": params, "entries": [asdict(e) for e in entries]}), encoding="utf-8")
@@ -209,9 +234,10 @@ def load_synthetic_dataset(folder) -> SyntheticDataset:
     return SyntheticDataset(str(folder), m["params"], [Entry(**e) for e in m["entries"]])
 
 
-def _write_entry(folder: Path, i: int, kind: str, size: int, seed: int, large_fraction: float) -> Entry:
+def _write_entry(folder: Path, i: int, kind: str, size: int, seed: int, large_fraction: float,
+                 positions: Sequence[str] | None = None, sizes: Sequence[str] | None = None) -> Entry:
     rng = random.Random(f"{seed}-{i}")  # per entry, so one entry does not depend on the others
-    spec = random_spec(rng)
+    spec = random_spec(rng, positions, sizes)
     if kind == "palette":  # transparency is composited on white: keep the caption true
         spec = ShapeSpec(spec.colour, spec.shape, "white", spec.position, spec.size)
     large = rng.random() < large_fraction

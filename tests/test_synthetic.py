@@ -157,6 +157,19 @@ def test_dataset_argument_errors(tmp_path):
         load_synthetic_dataset(tmp_path / "nothing")
 
 
+def test_dataset_restricted_positions_and_sizes(tmp_path):
+    ds = write_synthetic_dataset(tmp_path / "r", 24, size=32, seed=1, positions=["center"], sizes=["large"])
+    specs = [parse_caption(e.caption) for e in ds.entries]
+    assert {s.position for s in specs} == {"center"} and {s.size for s in specs} == {"large"}
+    assert len({(s.colour, s.shape) for s in specs}) > 1  # the other attributes still vary
+    two = write_synthetic_dataset(tmp_path / "t", 40, size=32, seed=1, positions=["top left", "center"])
+    assert {parse_caption(e.caption).position for e in two.entries} == {"top left", "center"}
+    with pytest.raises(ValueError, match="bottom right"):  # names the allowed values
+        write_synthetic_dataset(tmp_path / "bad", 4, size=32, positions=["middle"])
+    with pytest.raises(ValueError, match="small"):
+        write_synthetic_dataset(tmp_path / "bad", 4, size=32, sizes=["huge"])
+
+
 def test_url_list_parquet(tmp_path, dataset):
     uri = dataset.write_url_list(str(tmp_path / "urls" / "synthetic.parquet"), "http://127.0.0.1:9/")
     t = pq.read_table(uri)

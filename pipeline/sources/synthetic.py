@@ -32,6 +32,8 @@ class SyntheticSourceConfig:
     bad_fraction: float = 0.0
     opt_out_fraction: float = 0.0
     large_fraction: float = 0.5
+    positions: list[str] | None = None  # restrict shape positions (names of synthetic.POSITIONS); None: all
+    sizes: list[str] | None = None      # restrict shape sizes (names of synthetic.SIZES); None: all
 
 
 def run(cfg: SyntheticSourceConfig, out_uri: str) -> dict:
@@ -39,7 +41,8 @@ def run(cfg: SyntheticSourceConfig, out_uri: str) -> dict:
     if not cfg.base_url.startswith(("http://", "https://")):
         raise ValueError(f"base_url must be the serving server's http URL, got {cfg.base_url!r}")
     ds = write_synthetic_dataset(cfg.images_dir, cfg.n, size=cfg.size, seed=cfg.seed, bad_fraction=cfg.bad_fraction,
-                                 opt_out_fraction=cfg.opt_out_fraction, large_fraction=cfg.large_fraction)
+                                 opt_out_fraction=cfg.opt_out_fraction, large_fraction=cfg.large_fraction,
+                                 positions=cfg.positions, sizes=cfg.sizes)
     ds.write_url_list(out_uri, cfg.base_url)
     kinds: dict[str, int] = {}
     for e in ds.entries:
