@@ -1,9 +1,8 @@
 """Evaluation of exported weights: FID and CLIP score on COCO-2014 val captions, and the synthetic demo metric.
 
 Protocol (fixed; every number below is recorded in metrics.json beside the result):
-  * Captions: COCO-2014 val (`{coco}/annotations/captions_val2014.json`). Images sorted by id, `num_images`
-    (30,000) drawn without replacement with random.Random(seed); for each, one of its captions (sorted by
-    annotation id) drawn with the same generator.
+  * Captions: COCO-2014 val (`{coco}/annotations/captions_val2014.json`), `num_images` (30,000) images and one
+    caption each, drawn with random.Random(seed) by pipeline/coco_captions.py (the COCO ingest uses the same).
   * Generated: one image per caption at `resolution` (256 or 512), Heun EDM sampler, `steps` (30), `guidance`
     (5.0), image i with noise seed `seed + i`, EMA weights; written as PNGs under {root}/eval/samples/.
   * Real: the same COCO images, bicubic resize of the short side and center crop to `resolution`
@@ -23,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.coco_captions import select_captions
 from pipeline.configs import to_dict
 from pipeline.eval_metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
@@ -84,21 +83,10 @@ def demo_prompts() -> list[str]:
 
 
 def coco_eval_set(coco: str, num: int, seed: int) -> list[dict]:
-    """[{image_id, file, caption}] of the protocol's COCO selection (see the module docstring)."""
-    ann_uri = storage.join(coco, COCO_CAPTIONS)
-    ann = storage.read_json(ann_uri)  # FileNotFoundError names the URI
-    if not isinstance(ann, dict) or "images" not in ann or "annotations" not in ann:
-        raise ValueError(f"{ann_uri!r} is not a COCO captions file (needs 'images' and 'annotations')")
-    captions: dict[int, list[tuple[int, str]]] = {}
-    for a in ann["annotations"]:
-        captions.setdefault(int(a["image_id"]), []).append((int(a["id"]), str(a["caption"]).strip()))
-    images = sorted((int(im["id"]), im["file_name"]) for im in ann["images"] if int(im["id"]) in captions)
-    if num > len(images):
-        raise ValueError(f"num_images={num} but {ann_uri!r} has only {len(images)} captioned images")
-    rng = random.Random(seed)
-    chosen = rng.sample(images, num)
-    return [{"image_id": i, "file": storage.join(coco, COCO_IMAGES, f),
-             "caption": rng.choice(sorted(captions[i]))[1]} for i, f in chosen]
+    """[{image_id, file, caption}] of the protocol's COCO selection (pipeline/coco_captions.py)."""
+    rows = select_captions(storage.join(coco, COCO_CAPTIONS), num, seed)
+    return [{"image_id": r["image_id"], "file": storage.join(coco, COCO_IMAGES, r["file_name"]),
+             "caption": r["caption"]} for r in rows]
 
 
 def _real_batches(rows: list[dict], resolution: int, batch: int):

@@ -297,7 +297,7 @@ def _coco(tmp_path, n=5):
                "coco_url": f"http://images.cocodataset.org/val2014/COCO_val2014_{i:012d}.jpg"}
               for i in range(1, n + 1)]
     anns = []
-    for im in images:  # three captions each, ids out of order; the lowest id is "first <id>"
+    for im in images:  # three captions each, annotation ids out of order, one with a newline
         i = im["id"]
         anns += [{"id": 100 * i + 5, "image_id": i, "caption": f"later {i}"},
                  {"id": 100 * i + 1, "image_id": i, "caption": f"first\n{i} "},
@@ -318,7 +318,15 @@ def test_coco_eval_captions_and_images(tmp_path):
     report = sources.prepare("coco2014_val", {"annotations": str(ann), "images": str(tmp_path / "val2014.zip"),
                                               "ingest": POLICY}, out)
     caps = pq.read_table(os.path.join(out, "_eval_captions.parquet")).to_pylist()
-    assert [c["caption"] for c in caps] == [f"first {i}" for i in range(1, 6)]
+    assert [c["image_id"] for c in caps] == [1, 2, 3, 4, 5]
+    for c in caps:  # one of the image's own captions, whitespace collapsed ("first\n1 " -> "first 1")
+        assert c["caption"] in {f"later {c['image_id']}", f"first {c['image_id']}", f"last {c['image_id']}"}
+    assert len({c["caption"].split()[0] for c in caps}) > 1  # drawn, not always the lowest annotation id
+    # The evaluation draws the same caption for every image it shares with the ingest (one protocol).
+    from pipeline.evaluate import coco_eval_set
+    by_id = {c["image_id"]: c["caption"] for c in caps}
+    for n in (5, 3):
+        assert all(by_id[r["image_id"]] == r["caption"] for r in coco_eval_set(str(tmp_path), n, seed=0))
     got = {s["key"]: s for s in samples(out)}
     assert len(got) == 4 and report["failures_by_reason"] == {"too_small": 1}
     for c in caps:  # keys pair captions with their shard images; null where the policy dropped the image

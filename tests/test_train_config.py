@@ -104,7 +104,6 @@ def test_mixture_choice_is_seeded_and_shared_by_ranks():
 def test_decode_latents_reshapes_and_filters_has_column():
     s = schema.latent_schema([64, 128], 4, 4, 77, 8)
     n = 3
-    lat64 = [np.full((4, 16, 16), i, np.float32) for i in range(n)]
     lat128 = [np.full((4, 32, 32), i, np.float32) if i != 1 else None for i in range(n)]
     caps = [np.full((77, 8), 10 + i, np.float32) for i in range(n)]
     table = pa.table({

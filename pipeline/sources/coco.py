@@ -3,20 +3,20 @@
 Assumed layout (cocodataset.org): `annotations/captions_val2014.json` = {"images": [{id, file_name, coco_url,
 width, height, ...}], "annotations": [{id, image_id, caption}]} (about 5 captions per image) and the images in
 `val2014/` or `val2014.zip` (`COCO_val2014_<id:012d>.jpg`).
-Eval captions: one per image, the annotation with the lowest id (deterministic, independent of file order),
-newlines removed. An optional subset (`max_images`) is a seeded sample of image ids, sorted. The caption list goes
+Eval captions: the selection of pipeline/coco_captions.py, the same one `pipeline/evaluate.py` uses: one seeded
+random caption per image, over every captioned image or a seeded subset (`max_images`). The caption list goes
 to `{out}/_eval_captions.parquet` (image_id, file_name, url, width, height, caption, key); `key` is the image's
 key in the shards, or null where the size policy dropped it, so FID/CLIP-score code can pair them.
 """
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.coco_captions import select_captions
 from pipeline.sources.archives import chunk_tasks, read_listed_images
 from pipeline.sources.shards import IngestConfig, done_shards, ingest, shard_name
 
@@ -37,28 +37,15 @@ class COCOConfig:
 
 
 def eval_captions(annotations: str, max_images: int | None = None, seed: int = 0) -> pa.Table:
-    """One caption per image (lowest annotation id), image_id order; a seeded subset if max_images is set."""
-    if not storage.exists(annotations):
-        raise FileNotFoundError(f"COCO annotations {annotations!r} do not exist")
-    doc = storage.read_json(annotations)
-    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
-        raise ValueError(f"{annotations!r}: expected COCO captions json with 'images' and 'annotations'; keys "
-                         f"{sorted(doc) if isinstance(doc, dict) else type(doc).__name__}")
-    first: dict[int, tuple[int, str]] = {}
-    for a in doc["annotations"]:
-        cur = first.get(a["image_id"])
-        if cur is None or a["id"] < cur[0]:
-            first[a["image_id"]] = (a["id"], " ".join(a["caption"].split()))
-    images = sorted((im for im in doc["images"] if im["id"] in first), key=lambda im: im["id"])
-    if max_images is not None and max_images < len(images):
-        images = sorted(random.Random(seed).sample(images, max_images), key=lambda im: im["id"])
+    """The shared selection (pipeline/coco_captions.py) as a table: every captioned image, or a seeded subset."""
+    rows = select_captions(annotations, max_images, seed)
     return pa.table({
-        "image_id": pa.array([im["id"] for im in images], pa.int64()),
-        "file_name": [im["file_name"] for im in images],
-        "url": [im.get("coco_url") for im in images],
-        "width": pa.array([im.get("width") for im in images], pa.int32()),
-        "height": pa.array([im.get("height") for im in images], pa.int32()),
-        "caption": [first[im["id"]][1] for im in images],
+        "image_id": pa.array([r["image_id"] for r in rows], pa.int64()),
+        "file_name": pa.array([r["file_name"] for r in rows], pa.string()),
+        "url": pa.array([r["url"] for r in rows], pa.string()),
+        "width": pa.array([r["width"] for r in rows], pa.int32()),
+        "height": pa.array([r["height"] for r in rows], pa.int32()),
+        "caption": pa.array([r["caption"] for r in rows], pa.string()),
     })
 
 
