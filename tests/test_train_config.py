@@ -28,6 +28,10 @@ def test_unknown_and_misspelled_keys_are_named():
         stage_config({"name": "s", "init": {"from": "weights"}})
     with pytest.raises(ValueError, match="schedule.kind"):
         stage_config({"name": "s", "schedule": {"kind": "linear"}})
+    with pytest.raises(ValueError, match="cache_dataset_mb=-1"):
+        stage_config({"name": "s", "cache_dataset_mb": -1})
+    with pytest.raises(ValueError, match="cpu_threads=0"):
+        stage_config({"name": "s", "cpu_threads": 0})
 
 
 def test_init_from_alias_and_defaults():

@@ -75,6 +75,7 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     assert [r["skipped"] for r in rows] == [i == 4 for i in range(8)]  # step index 4 -> logged as step 5
     assert rows[-1]["nonfinite_total"] == 1 and np.isnan(rows[4]["loss"])
     assert all(np.isfinite(r["grad_norm"]) for i, r in enumerate(rows) if i != 4)
+    assert all(0 <= r["data_wait_s"] <= r["step_s"] for r in rows)  # input wait is part of the step
 
     # The loss falls: the exported model beats a fresh init on a fixed noisy batch of the training data.
     table = pq.read_table(sorted(Path(data["synth"]).glob("*.parquet"))[0])
@@ -102,6 +103,21 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     before = (stage_dir / "metrics.jsonl").read_bytes()
     assert train_stage(tiny_stage(), "MicroDiT_Debug", reference, data) == str(export)
     assert (stage_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_small_source_is_cached_with_the_streamed_order(reference, data):
+    from pipeline.train.data import build_datasets
+
+    def rows(ds) -> list[bytes]:
+        return [b.tobytes() for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
+                for b in batch["latents"]]
+
+    cached, _ = build_datasets(data, 64, seed=3, cache_bytes=1 << 30)
+    streamed, _ = build_datasets(data, 64, seed=3, cache_bytes=0)
+    streamed["train"].context.execution_options.preserve_order = True  # as Ray Train's DataConfig sets it
+    assert type(cached["train"]).__name__ == "MaterializedDataset"
+    assert type(streamed["train"]).__name__ != "MaterializedDataset"
+    assert rows(cached["train"]) == rows(streamed["train"]) and len(rows(streamed["train"])) == 48
 
 
 def test_killed_worker_and_stopped_run_resume_to_the_same_losses(reference, data, tmp_path):

@@ -76,6 +76,9 @@ class StageConfig:
     num_workers: int = 8
     use_gpu: bool = True
     cpus_per_worker: float = 1.0  # below 1 on small CPU hosts leaves cores for Ray Data's read tasks
+    # torch intra-op threads per CPU worker; None keeps what Ray sets (OMP_NUM_THREADS = whole CPUs reserved, >= 1),
+    # so one worker can use every core while its reservation stays fractional and Ray Data keeps a slot to read.
+    cpu_threads: int | None = None
     base_resolution: int = 256  # resolution where pos_interp_scale = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -89,6 +92,9 @@ class StageConfig:
     mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; empty: union, by row count
     exclude_sources: list[str] = field(default_factory=list)  # e.g. diffusiondb at 512 px (RECIPE.md Data)
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0: off)
+    # Sources smaller than this (uncompressed Parquet) are read once into Ray's object store instead of being
+    # re-read every epoch; 0 turns it off. The paper's sources (hundreds of GB of latents) always stream.
+    cache_dataset_mb: float = 1024.0
     log_every: int = 100
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
@@ -118,6 +124,10 @@ class StageConfig:
             raise ValueError(f"caption_dropout={self.caption_dropout!r}: expected [0, 1]")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker!r}: expected > 0")
+        if self.cache_dataset_mb < 0:
+            raise ValueError(f"cache_dataset_mb={self.cache_dataset_mb!r} in stage {self.name!r}: expected >= 0")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads={self.cpu_threads!r} in stage {self.name!r}: expected >= 1 or null")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r}: expected > 0")
         if self.schedule.kind not in SCHEDULES:

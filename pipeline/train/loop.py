@@ -112,6 +112,8 @@ def build_worker(config: dict[str, Any]) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if stage.use_gpu else torch.device("cpu")
+    if device.type == "cpu" and stage.cpu_threads:
+        torch.set_num_threads(stage.cpu_threads)
     resume = ray.train.get_checkpoint() or config.get("resume_checkpoint")
 
     model = build_model(config["model"], stage, None if resume else config.get("init_weights"))
@@ -131,17 +133,21 @@ def build_worker(config: dict[str, Any]) -> Worker:
     return w
 
 
-def train_step(w: Worker, stream: MixtureStream, step: int, edm) -> tuple[float, float, bool]:
-    """One optimizer step: accumulate, global non-finite check, clip, AdamW, EMA -> (loss, grad norm, stepped)."""
+def train_step(w: Worker, stream: MixtureStream, step: int, edm) -> tuple[float, float, bool, float]:
+    """One optimizer step: accumulate, global non-finite check, clip, AdamW, EMA.
+
+    -> (loss, grad norm, stepped, seconds this rank waited for its batches)."""
     from model.edm import drop_captions, edm_loss
 
     stage, model, device = w.stage, w.model, w.device
     accum = stage.accumulation_steps()
 
     # 1. accumulate gradients over micro-batches (FSDP reduce-scatters them, averaged over ranks)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, data_s = torch.zeros((), device=device), 0.0
     for micro in range(accum):
+        t0 = time.perf_counter()
         batch = stream.next(step, micro)
+        data_s += time.perf_counter() - t0
         latents = batch["latents"].to(device, torch.float32, non_blocking=True)  # (B, C, H, W)
         caption = batch["caption"].to(device, torch.float32, non_blocking=True)  # (B, L, D)
         gen = micro_generator(stage, step, micro, w.rank, device)
@@ -172,7 +178,7 @@ def train_step(w: Worker, stream: MixtureStream, step: int, edm) -> tuple[float,
     if t.nonfinite_consecutive > stage.max_consecutive_nonfinite:
         raise RuntimeError(f"stage {stage.name!r}: {t.nonfinite_consecutive} non-finite steps in a row "
                            f"(limit max_consecutive_nonfinite={stage.max_consecutive_nonfinite}) at step {step}")
-    return float(stats[0] / w.world), float(grad_norm), finite
+    return float(stats[0] / w.world), float(grad_norm), finite, data_s
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -191,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     lr_fn = stage.lr_lambda()
     peak = peak_flops(stage.peak_flops) if w.device.type == "cuda" else None
     prompts = torch.as_tensor(config["prompts"], dtype=torch.float32, device=w.device)  # (K, L, D)
-    window_t, window_steps = time.perf_counter(), 0
+    window_t, window_steps, window_data_s = time.perf_counter(), 0, 0.0
     w.model.train()
 
     while t.stage_step < stage.steps:
@@ -199,9 +205,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         maybe_crash(stage, config["stage_uri"], step, w.rank)
         lr = stage.optimizer.lr * lr_fn(step)
         apply_lr(w.optimizer, lr)
-        loss, grad_norm, stepped = train_step(w, stream, step, edm)
+        loss, grad_norm, stepped, data_s = train_step(w, stream, step, edm)
         t.stage_step, t.global_step, t.data = step + 1, t.global_step + 1, stream.state_dict()
-        window_steps += 1
+        window_steps, window_data_s = window_steps + 1, window_data_s + data_s
         done = t.stage_step == stage.steps
 
         # metrics, checkpoints, samples
@@ -210,12 +216,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sps = window_steps * stage.global_batch / max(elapsed, 1e-9)
             row = {"step": t.stage_step, "global_step": t.global_step, "loss": loss, "grad_norm": grad_norm,
                    "lr": lr, "samples_per_s": sps, "step_s": elapsed / window_steps,
+                   "data_wait_s": window_data_s / window_steps,  # rank 0's input wait: input-bound if near step_s
                    "nonfinite_total": t.nonfinite_total, "skipped": not stepped, **memory_gb()}
             if peak:
                 row["mfu"] = sps * config["flops_per_sample"] / (peak * w.world)
             if logger:
                 logger.log(row)
-            window_t, window_steps = time.perf_counter(), 0
+            window_t, window_steps, window_data_s = time.perf_counter(), 0, 0.0
         stop = stage.debug.stop_at_step is not None and t.stage_step == stage.debug.stop_at_step
         if t.stage_step % stage.checkpoint_every == 0 or done or stop:
             save_checkpoint(w.app, w.rank, w.world, config, {"step": t.stage_step, "loss": loss})

@@ -149,7 +149,7 @@ def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mappi
     connect(ray_address)
     import ray.data
 
-    datasets, shapes = build_datasets(used, stage.resolution, stage.seed)
+    datasets, shapes = build_datasets(used, stage.resolution, stage.seed, int(stage.cache_dataset_mb * 2**20))
     captions, prompts = fixed_prompts(next(iter(used.values())), stage.resolution, stage.sample_prompts)
     run = stage_uri(root, stage.name)
     if captions:
