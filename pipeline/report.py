@@ -2,7 +2,7 @@
 
 Reads only what the steps left under the run root:
     {root}/config.json                       the resolved recipe (stage order; optional)
-    {root}/train/{stage}/metrics.jsonl       {step, loss, samples_per_s, step_s, mfu?, mem_gb?, ...} per log step
+    {root}/train/{stage}/metrics.jsonl       {step, loss, samples_per_s, step_s, data_wait_s?, mfu?, ...} per log
     {root}/train/{stage}/export/config.json  {"model", "stage"}: workers, GPUs, global batch, mask ratio
     {root}/train/{stage}/samples/*.png, {root}/samples/grid.png, {root}/eval/metrics.json, eval/demo_grid.png
 and writes {root}/report/report.md, report.html, stats.json and the PNGs they show (copied in, so the folder
@@ -59,11 +59,13 @@ def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float,
     if not rows:
         raise ValueError("stage has no metrics rows")
     batch = int(stage.get("global_batch", 0)) or None
-    seconds, prev = 0.0, 0
+    seconds, waited, timed, prev = 0.0, 0.0, 0.0, 0
     for r in rows:
         window = r["step"] - prev  # optimizer steps since the previous log line
         if "step_s" in r:
             seconds += window * float(r["step_s"])
+            if r.get("data_wait_s") is not None:
+                waited, timed = waited + window * float(r["data_wait_s"]), timed + window * float(r["step_s"])
         elif batch and r.get("samples_per_s"):
             seconds += window * batch / float(r["samples_per_s"])
         prev = r["step"]
@@ -78,6 +80,7 @@ def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float,
            "cost_usd": hours * gpus * price, "final_loss": sum(losses[-tail:]) / len(losses[-tail:]),
            "first_loss": losses[0], "resolution": stage.get("resolution"), "mask_ratio": stage.get("mask_ratio")}
     out["samples_per_s"] = out["samples"] / seconds if batch and seconds else None
+    out["input_wait"] = waited / timed if timed else None  # share of step time spent waiting for batches
     for key in ("mfu", "mem_gb"):
         values = [float(r[key]) for r in rows if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
@@ -216,14 +219,14 @@ def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
              f"({PAPER['days']} days on {PAPER['gpus']}xH100, about {PAPER['samples_per_s']:,.0f} samples/s).", "",
              "## Stages", "",
              "| stage | res | mask | steps | samples | hours | GPUs | GPU-hours | cost ($) | samples/s | MFU "
-             "| first loss | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| input wait | first loss | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in stages:
         s = stats[name]
         lines.append(f"| {name} | {s['resolution'] or '-'} | {_fmt(s['mask_ratio'], '.2f')} | {s['steps']:,} | "
                      f"{_fmt(s['samples'], ',')} | {s['hours']:.3f} | {s['gpus']} | {s['gpu_hours']:.3f} | "
                      f"{s['cost_usd']:.2f} | {_fmt(s['samples_per_s'], ',.1f')} | {_fmt(s['mfu'], '.1%')} | "
-                     f"{s['first_loss']:.4f} | {s['final_loss']:.4f} |")
+                     f"{_fmt(s['input_wait'], '.0%')} | {s['first_loss']:.4f} | {s['final_loss']:.4f} |")
     lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", "", "## Metrics", "",
               "| metric | this run | paper |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _metrics_rows(metrics)]

@@ -48,7 +48,8 @@ def valid_png(path) -> bool:
 
 
 def test_stage_stats_arithmetic():
-    rows = [{"step": 10, "loss": 2.0, "step_s": 3.0}, {"step": 30, "loss": 1.0, "step_s": 1.5},
+    rows = [{"step": 10, "loss": 2.0, "step_s": 3.0, "data_wait_s": 1.5},
+            {"step": 30, "loss": 1.0, "step_s": 1.5, "data_wait_s": 0.0},
             {"step": 40, "loss": 0.5, "samples_per_s": 64.0}]
     s = stage_stats(rows, {"global_batch": 32, "num_workers": 4, "use_gpu": True}, price=2.0, tail=2)
     seconds = 10 * 3.0 + 20 * 1.5 + 10 * 32 / 64.0  # window steps x seconds per step
@@ -57,6 +58,9 @@ def test_stage_stats_arithmetic():
     assert s["cost_usd"] == pytest.approx(seconds / 3600 * 4 * 2.0)
     assert s["samples"] == 40 * 32 and s["samples_per_s"] == pytest.approx(40 * 32 / seconds)
     assert s["final_loss"] == pytest.approx(0.75) and s["first_loss"] == 2.0
+    assert s["input_wait"] == pytest.approx(10 * 1.5 / (10 * 3.0 + 20 * 1.5))  # over the windows that log it
+    assert stage_stats(rows[1:], {"global_batch": 32}, price=2.0)["input_wait"] == 0.0
+    assert stage_stats(rows[2:], {"global_batch": 32}, price=2.0)["input_wait"] is None  # not logged: unknown
     cpu = stage_stats(rows, {"global_batch": 32, "num_workers": 2, "use_gpu": False}, price=2.0)
     assert cpu["gpus"] == 0 and cpu["cost_usd"] == 0.0 and cpu["hours"] == pytest.approx(seconds / 3600)
 
