@@ -24,7 +24,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
-            ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+            # "local", not None: None makes Ray join whatever cluster {RAY_TMPDIR}/ray/ray_current_cluster names,
+            # and a stale file left by a dead `ray start` then hangs the step in connection retries.
+            ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                            runtime_env=runtime_env)
             log.info("started a local Ray head; dashboard at http://%s", ctx.dashboard_url)
     return ray.get_runtime_context().gcs_address
