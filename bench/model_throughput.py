@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.config import backbone_specs, model_config, tokens_per_expert
-from model.edm import EDMConfig, edm_loss
-from model.microdit import MicroDiT
-from model.moe import ExpertChoiceMoE
+from model.microdit.config import backbone_specs, model_config, tokens_per_expert
+from model.objectives.edm import EDMConfig, edm_loss
+from model.microdit.network import MicroDiT
+from model.microdit.moe import ExpertChoiceMoE
 
 try:
-    from model.config import flops_per_sample
+    from model.microdit.config import flops_per_sample
 except ImportError:  # the contract allows either module
-    from model.microdit import flops_per_sample
+    from model.microdit.network import flops_per_sample
 
 MIB = 2 ** 20
 

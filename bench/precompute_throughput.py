@@ -4,7 +4,7 @@
     python -m bench.precompute_throughput --vae tiny-diffusers # exercise the diffusers AutoencoderKL path
     python -m bench.precompute_throughput --gpu                # + SDXL-VAE / DFN5B-text architectures, random
                                                                #   weights, images/s per GPU at 256+512 px
-Both paths run the same stage code (pipeline/precompute_stages.py) and the same commit; the ratio is measured in
+Both paths run the same stage code (pipeline/data/precompute_stages.py) and the same commit; the ratio is measured in
 one run on one machine. The Ray figure includes the pipeline's own start (actors loading encoders), not the
 cluster's. Prints one JSON line per measurement.
 """
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.precompute import PrecomputeConfig, list_shards, precompute, precompute_locally
+from pipeline.data.precompute import PrecomputeConfig, list_shards, precompute, precompute_locally
 
 # SDXL's VAE (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json), written out: random weights, real shapes.
 SDXL_VAE_CONFIG = dict(
@@ -36,7 +36,7 @@ DFN5B_TEXT_CONFIG = {"embed_dim": 1024, "quick_gelu": True,
 
 def make_shards(folder: Path, shards: int, per_shard: int, size: int, seed: int = 0) -> int:
     """Synthetic webdataset shards (coloured shapes, JPEG, captions naming them) + _SUCCESS; returns samples."""
-    from pipeline.synthetic import random_spec, render
+    from pipeline.testing.synthetic import random_spec, render
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def plain_loop(shards_uri: str, out: Path, cfg: PrecomputeConfig) -> int:
 def ray_vs_loop(args) -> dict:
     import ray
 
-    from pipeline import ray_cluster
+    from pipeline.core import ray_cluster
 
     work = Path(tempfile.mkdtemp(prefix="pcbench"))
     try:

@@ -27,11 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 def plain_loop(latents: torch.Tensor, captions: torch.Tensor, preset: str, global_batch: int, steps: int,
                mask_ratio: float, warmup: int) -> float:
     """samples/s of a single-process loop: same model, loss, clipping, AdamW and EMA as a stage."""
-    from model.config import model_config
-    from model.edm import EDMConfig, drop_captions, edm_loss
+    from model.microdit.config import model_config
+    from model.objectives.edm import EDMConfig, drop_captions, edm_loss
     from model.ema import EMA
-    from model.microdit import MicroDiT
-    from model.optim import build_optimizer
+    from model.microdit.network import MicroDiT
+    from pipeline.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = MicroDiT(model_config(preset, input_size=latents.shape[-1]))
@@ -57,7 +57,7 @@ def cpu_bench(args) -> dict:
     """Ray Train stage vs plain loop on CPU, same run."""
     import pyarrow.parquet as pq
 
-    from pipeline import schema
+    from pipeline.core import schema
     from pipeline.train import train_stage
     from pipeline.train.metrics import read_metrics
 
@@ -95,10 +95,10 @@ def cpu_bench(args) -> dict:
 
 def gpu_point(preset: str, side: int, mask_ratio: float, micro: int, compile: bool, steps: int) -> float:
     """samples/s of fwd+bwd+AdamW at one micro-batch (bf16 autocast, fp32 master weights), one GPU."""
-    from model.config import model_config
-    from model.edm import EDMConfig, edm_loss
-    from model.microdit import MicroDiT
-    from model.optim import build_optimizer
+    from model.microdit.config import model_config
+    from model.objectives.edm import EDMConfig, edm_loss
+    from model.microdit.network import MicroDiT
+    from pipeline.train.optim import build_optimizer
 
     cfg = model_config(preset, input_size=side, pos_interp_scale=side / 32)
     model = MicroDiT(cfg).cuda()
@@ -127,7 +127,7 @@ def gpu_point(preset: str, side: int, mask_ratio: float, micro: int, compile: bo
 
 def gpu_bench(args) -> dict:
     """XL_2 at stage 1 (32x32 latents, mask 0.75) and stage 3 (64x64, mask 0.75): largest fitting power-of-2 batch."""
-    from model.config import flops_per_sample, model_config
+    from model.microdit.config import flops_per_sample, model_config
     from pipeline.train.metrics import peak_flops
 
     peak = peak_flops(None)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 # Modules whose source decides each step's output (packages: every .py file under them).
 STEP_MODULES: dict[str, tuple[str, ...]] = {
-    "download": ("pipeline.download", "pipeline.sources", "pipeline.synthetic"),
-    "precompute": ("pipeline.precompute", "pipeline.schema", "pipeline.images", "model.encoders"),
+    "download": ("pipeline.data.download", "pipeline.data.sources", "pipeline.testing.synthetic"),
+    "precompute": ("pipeline.data.precompute", "pipeline.core.schema", "pipeline.core.images", "model.encoders"),
     "train": ("pipeline.train", "model"),
     "sample": ("pipeline.generate", "model"),
-    "evaluate": ("pipeline.evaluate", "model"),
-    "report": ("pipeline.report",),
+    "evaluate": ("pipeline.evaluate.evaluate", "model"),
+    "report": ("pipeline.report.report",),
 }
 
 

@@ -100,8 +100,8 @@ def cmd_demo(args) -> int:
     """Start the stack if needed, run the tiny recipe end to end, print where everything is."""
     import time
 
-    from pipeline import storage
-    from pipeline.run_config import load_recipe
+    from pipeline.core import storage
+    from pipeline.core.run_config import load_recipe
 
     start = time.monotonic()
     stack = local_stack.up(_state(args), num_cpus=args.num_cpus)

@@ -1,6 +1,6 @@
 """The `microdit` flow's `compare` deployment: one stage trained with and without masking at equal compute.
 
-From a finished run's cached latents (nothing is downloaded or encoded again), pipeline/compare.py's
+From a finished run's cached latents (nothing is downloaded or encoded again), pipeline/report/compare.py's
 `equal_compute_plan` gives each arm (mask 0.75, mask 0) its steps for the same training FLOPs; each arm is its
 own subflow run (named after the arm, so the Prefect UI shows two flows) that trains, samples and evaluates under
 {storage}/compare/{arm}/; then `compare_report` writes {storage}/compare/report/compare.md side by side.
@@ -17,9 +17,9 @@ from flows import tasks
 from flows.caching import code_version
 from flows.full_run import FLOW, ray_address_of, resolve_recipe, run_step
 from flows.stage import cached_latents
-from pipeline import storage
-from pipeline.compare import compare_report, equal_compute_plan
-from pipeline.run_config import RunConfig, load_recipe
+from pipeline.core import storage
+from pipeline.report.compare import compare_report, equal_compute_plan
+from pipeline.core.run_config import RunConfig, load_recipe
 from pipeline.train.config import InitConfig
 from pipeline.train.data import source_shapes
 

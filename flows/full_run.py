@@ -14,8 +14,8 @@ from prefect import flow, get_run_logger
 
 from flows import tasks
 from flows.caching import code_version
-from pipeline import storage
-from pipeline.run_config import RunConfig, load_recipe
+from pipeline.core import storage
+from pipeline.core.run_config import RunConfig, load_recipe
 
 FLOW = "microdit"
 FULL_RUN = "full-run"
@@ -99,7 +99,7 @@ def full_run(recipe: str = "recipes/tiny.yaml", overrides: list[str] | None = No
     """Run a recipe end to end; returns the URIs of what each step wrote.
 
     recipe: recipe YAML (absolute, relative to the serving directory, or to the repository).
-    overrides: `path=value` changes to the recipe, e.g. `stages.stage1.steps=10` (see pipeline/run_config.py).
+    overrides: `path=value` changes to the recipe, e.g. `stages.stage1.steps=10` (see pipeline/core/run_config.py).
     force: steps to rerun although finished (and every step after them): download, precompute, a stage
     name, sample, evaluate, report, or all.
     """

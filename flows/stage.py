@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.full_run import FLOW, resolve_recipe, sample, train
-from pipeline import storage
-from pipeline.run_config import load_recipe
+from pipeline.core import storage
+from pipeline.core.run_config import load_recipe
 
 STAGE = "stage"
 

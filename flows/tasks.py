@@ -17,8 +17,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from pipeline import storage
-from pipeline.configs import from_dict
+from pipeline.core import storage
+from pipeline.core.configs import from_dict
 
 STEP_CACHE = (INPUTS - "ray_address") + TASK_SOURCE
 BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError)
@@ -42,16 +42,16 @@ _RETRY = dict(retries=2, retry_delay_seconds=15, retry_condition_fn=retry_unless
 @task(name="download", task_run_name="download-{source[name]}", **_STEP, **_RETRY)
 def download_task(source: dict, download: dict, url_list_uri: str, shards_uri: str, code: str) -> str:
     """Fetch one source into webdataset shards (adapter -> URL list -> img2dataset, or adapter -> shards)."""
-    from pipeline import sources
-    from pipeline.download import DownloadConfig
-    from pipeline.download import download as run_download
+    from pipeline.data import sources
+    from pipeline.data.download import DownloadConfig
+    from pipeline.data.download import download as run_download
 
     spec = sources.get(source["kind"])
     if spec.output == "shards":
         spec.prepare(source["options"], shards_uri)
         return shards_uri
     if source["kind"] == "synthetic":  # served over loopback for the span of the download
-        from pipeline.synthetic import serve_folder
+        from pipeline.testing.synthetic import serve_folder
 
         options = dict(source["options"])
         options.setdefault("images_dir", synthetic_images_dir(shards_uri))
@@ -69,8 +69,8 @@ def download_task(source: dict, download: dict, url_list_uri: str, shards_uri: s
 def precompute_task(source: str, shards_uri: str, latents_uri: str, precompute: dict, code: str,
                     ray_address: str | None = None) -> str:
     """Encode one source's shards into latent Parquet parts on the Ray cluster."""
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.precompute import precompute as run_precompute
+    from pipeline.data.precompute import PrecomputeConfig
+    from pipeline.data.precompute import precompute as run_precompute
 
     run_precompute(shards_uri, latents_uri, from_dict(PrecomputeConfig, precompute), ray_address)
     return latents_uri
@@ -100,7 +100,7 @@ def sample_task(weights_uri: str, prompts: list[str], out_uri: str, generate: di
 @task(name="evaluate", task_run_name="evaluate", **_STEP)
 def evaluate_task(weights_uri: str, root: str, evaluate: dict, vae: str, text: str, code: str) -> str:
     """Measure a stage's export (demo caption match, FID/CLIP on COCO when configured); returns metrics.json."""
-    from pipeline.evaluate import EvalConfig, evaluate as run_evaluate
+    from pipeline.evaluate.evaluate import EvalConfig, evaluate as run_evaluate
 
     run_evaluate(weights_uri, root, from_dict(EvalConfig, evaluate), vae, text)
     return storage.join(root, "eval", "metrics.json")
@@ -109,7 +109,7 @@ def evaluate_task(weights_uri: str, root: str, evaluate: dict, vae: str, text: s
 @task(name="report", task_run_name="report", **_STEP)
 def report_task(root: str, report: dict, upstream: list[str], code: str) -> str:
     """Write the run report (loss curves, throughput, cost, sample grids, metrics); `upstream` orders and keys it."""
-    from pipeline.report import ReportConfig, build_report
+    from pipeline.report.report import ReportConfig, build_report
 
     return build_report(root, from_dict(ReportConfig, report))
 

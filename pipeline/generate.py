@@ -22,8 +22,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline import storage
-from pipeline.configs import from_dict, to_dict
+from pipeline.core import storage
+from pipeline.core.configs import from_dict, to_dict
 
 WEIGHTS = {False: "model.safetensors", True: "ema.safetensors"}
 CONFIG_NAME = "config.json"
@@ -146,9 +146,9 @@ class Generator:
 
     def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
                  text_spec: str | None = None):
-        from model.config import ModelConfig
+        from model.microdit.config import ModelConfig
         from model.encoders import load_text_encoder, load_vae
-        from model.microdit import MicroDiT
+        from model.microdit.network import MicroDiT
         from safetensors.torch import load as load_safetensors
 
         self.cfg = cfg
@@ -211,7 +211,7 @@ class Generator:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], start: int = 0, seeds: Sequence[int] | None = None) -> np.ndarray:
         """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i, or seeds[i] (one batch)."""
-        from model.sampler import HeunSampler, make_noise
+        from model.samplers.heun import HeunSampler, make_noise
 
         seeds = list(seeds) if seeds is not None else self.seeds(start, len(prompts))
         if len(seeds) != len(prompts):

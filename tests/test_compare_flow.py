@@ -15,9 +15,9 @@ def test_compare_flow_trains_both_arms_at_equal_compute(prefect_server, ray_addr
     from flows import tasks
     from flows.caching import code_version
     from flows.compare import compare_run
-    from model.config import flops_per_sample
-    from pipeline.compare import equal_compute_plan
-    from pipeline.run_config import load_recipe
+    from model.microdit.config import flops_per_sample
+    from pipeline.report.compare import equal_compute_plan
+    from pipeline.core.run_config import load_recipe
 
     root = tmp_path / "run"
     overrides = [f"storage={root}", *SHRINK]

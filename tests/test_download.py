@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import storage
-from pipeline.download import DownloadConfig, download, normalize_url_list, read_url_list
-from pipeline.sources.shards import failure_reason, is_retryable, read_shard_tar
-from pipeline.synthetic import write_synthetic_dataset
+from pipeline.core import storage
+from pipeline.data.download import DownloadConfig, download, normalize_url_list, read_url_list
+from pipeline.data.sources.shards import failure_reason, is_retryable, read_shard_tar
+from pipeline.testing.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MIN, MAX = 64, 72  # size policy for these tests (the recipe's is 256 / 512)
@@ -211,7 +211,7 @@ def test_kill_and_resume_finishes_without_duplicates(tmp_path, synthetic):
     server = TestServer(synthetic.folder, opt_out=synthetic.opt_out_files, delay=0.25)
     try:
         synthetic.write_url_list(str(tmp_path / "urls.parquet"), server.url)
-        code = ("import sys; from pipeline.download import download, DownloadConfig; "
+        code = ("import sys; from pipeline.data.download import download, DownloadConfig; "
                 f"download({str(tmp_path / 'urls.parquet')!r}, {out!r}, DownloadConfig(processes=1, threads=2, "
                 f"timeout=5, min_side={MIN}, max_side={MAX}, number_sample_per_shard=5))")
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,

@@ -1,4 +1,4 @@
-"""EDM preconditioning, masked loss and caption dropout (model/edm.py), on small stand-in networks."""
+"""EDM preconditioning, masked loss and caption dropout (model/objectives/edm.py), on small stand-in networks."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.edm import (EDMConfig, denoise, drop_captions, edm_loss, loss_weight, masked_patch_mean,
+from model.objectives.edm import (EDMConfig, denoise, drop_captions, edm_loss, loss_weight, masked_patch_mean,
                        precondition, sample_sigmas)
 
 SD = 0.9
@@ -197,8 +197,8 @@ def test_caption_dropout_rate_and_rows():
 
 
 def test_masked_loss_on_microdit_debug_matches_reference():
-    from model.config import model_config
-    from model.microdit import MicroDiT
+    from model.microdit.config import model_config
+    from model.microdit.network import MicroDiT
 
     torch.manual_seed(4)
     cfg = model_config("MicroDiT_Debug")

@@ -1,4 +1,4 @@
-"""EMA (model/ema.py), AdamW parameter groups and LR schedules (model/optim.py)."""
+"""EMA (model/ema.py), AdamW parameter groups and LR schedules (pipeline/train/optim.py)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model.ema import EMA
-from model.optim import apply_lr, build_optimizer, constant_schedule, cosine_schedule, param_groups
+from pipeline.train.optim import apply_lr, build_optimizer, constant_schedule, cosine_schedule, param_groups
 
 
 
@@ -161,9 +161,9 @@ def test_param_groups_split_with_stand_in_moe():
 
 
 def test_optimizer_groups_on_microdit_debug():
-    from model.config import model_config
-    from model.microdit import MicroDiT
-    from model.moe import ExpertChoiceMoE
+    from model.microdit.config import model_config
+    from model.microdit.network import MicroDiT
+    from model.microdit.moe import ExpertChoiceMoE
 
     model = MicroDiT(model_config("MicroDiT_Debug"))
     expected_moe = set()

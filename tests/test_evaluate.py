@@ -1,4 +1,4 @@
-"""pipeline/evaluate.py + eval_metrics.py: FID and CLIP score against independent computations, the demo metric,
+"""pipeline/evaluate/evaluate.py + eval_metrics.py: FID and CLIP score against independent computations, the demo metric,
 the COCO protocol and an idempotent end-to-end evaluation of the debug model."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.eval_metrics import (build_clip_score, build_fid, caption_match, describe, fid_from_batches,
+from pipeline.evaluate.metrics import (build_clip_score, build_fid, caption_match, describe, fid_from_batches,
                                    load_real_state, save_real_state, update_clip, update_fid)
-from pipeline.evaluate import EvalConfig, coco_eval_set, demo_prompts, evaluate
-from pipeline.synthetic import ShapeSpec, parse_caption, render
+from pipeline.evaluate.evaluate import EvalConfig, coco_eval_set, demo_prompts, evaluate
+from pipeline.testing.synthetic import ShapeSpec, parse_caption, render
 
 
 class TinyFeatures(nn.Module):

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from model.config import model_config
-from model.microdit import MicroDiT
-from pipeline.configs import to_dict
+from model.microdit.config import model_config
+from model.microdit.network import MicroDiT
+from pipeline.core.configs import to_dict
 from pipeline.generate import GenerateConfig, Generator, generate, main, read_prompts
 
 PROMPTS = ["a large red circle on a white background, center", "a small blue square on a black background, top left",
@@ -162,7 +162,7 @@ def test_encoder_specs_from_arguments(tmp_path):
 
 
 def test_weights_and_output_on_s3(export, tmp_path, s3_endpoint, s3_bucket, monkeypatch):
-    from pipeline import storage
+    from pipeline.core import storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     remote = f"s3://{s3_bucket}/run/train/stage1/export"

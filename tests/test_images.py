@@ -1,4 +1,4 @@
-"""pipeline/images.py: every decode class ends as an RGB image or a typed skip reason; resize/crop numerics."""
+"""pipeline/core/images.py: every decode class ends as an RGB image or a typed skip reason; resize/crop numerics."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import SkipReason, decode_image, prepare, preprocess
+from pipeline.core.images import SkipReason, decode_image, prepare, preprocess
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import model_config
-from model.edm import EDMConfig, edm_loss
-from model.microdit import MicroDiT
-from model.optim import build_optimizer, cosine_schedule
-from model.sampler import HeunSampler, make_noise
+from model.microdit.config import model_config
+from model.objectives.edm import EDMConfig, edm_loss
+from model.microdit.network import MicroDiT
+from pipeline.train.optim import build_optimizer, cosine_schedule
+from model.samplers.heun import HeunSampler, make_noise
 
 PAIRS, BATCH, STEPS, EVAL_REPEATS = 4, 8, 250, 8
 

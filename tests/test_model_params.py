@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import PRESETS, ModelConfig, model_config
-from model.layers import SwiGLU
-from model.microdit import MicroDiT
-from model.moe import ExpertChoiceMoE
+from model.microdit.config import PRESETS, ModelConfig, model_config
+from model.microdit.layers import SwiGLU
+from model.microdit.network import MicroDiT
+from model.microdit.moe import ExpertChoiceMoE
 
 
 def build_meta(preset: str, **overrides) -> MicroDiT:
@@ -134,7 +134,7 @@ def test_model_config_overrides_and_errors():
 
 
 def test_config_round_trips_through_plain_dicts():
-    from pipeline.configs import from_dict, to_dict
+    from pipeline.core.configs import from_dict, to_dict
 
     cfg = model_config("MicroDiT_Tiny_2", input_size=64, pos_interp_scale=2.0)
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg  # what config.json beside a checkpoint holds

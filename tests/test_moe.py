@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.moe import ExpertChoiceMoE
+from model.microdit.moe import ExpertChoiceMoE
 
 
 def make_moe(dim=16, hidden=24, experts=4, capacity=2.0, seed=0) -> ExpertChoiceMoE:

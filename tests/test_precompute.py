@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schema, storage
-from pipeline.configs import from_dict
-from pipeline.images import prepare
-from pipeline.precompute import (PrecomputeConfig, content_fingerprint, list_shards, precompute,
+from pipeline.core import schema, storage
+from pipeline.core.configs import from_dict
+from pipeline.core.images import prepare
+from pipeline.data.precompute import (PrecomputeConfig, content_fingerprint, list_shards, precompute,
                                  precompute_locally, read_part_stats)
-from pipeline.precompute_stages import EncodeImages
+from pipeline.data.precompute_stages import EncodeImages
 
 REPO = Path(__file__).resolve().parents[1]
 RES = [64, 128]
@@ -353,7 +353,7 @@ def test_shards_to_parquet_locally(shards, clean_run):
 
 KILL_DRIVER = """
 import json, sys, time
-from pipeline import precompute as P
+from pipeline.data import precompute as P
 committed = P._on_shard_committed
 def stall(stats):  # hold the driver after its first commit, so the test kills it mid-run
     committed(stats)

@@ -1,4 +1,4 @@
-"""pipeline/report.py and pipeline/compare.py on synthetic run folders: figures computed from the inputs, valid PNGs."""
+"""pipeline/report/report.py and pipeline/report/compare.py on synthetic run folders: figures computed from the inputs, valid PNGs."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import PAPER, ReportConfig, build_report, read_jsonl, stage_stats
+from pipeline.report.report import PAPER, ReportConfig, build_report, read_jsonl, stage_stats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -121,8 +121,8 @@ def test_report_bad_inputs(tmp_path):
 # ------------------------------------------------------------------------------------------ compare
 
 def test_equal_compute_plan_arithmetic():
-    from model.config import flops_per_sample, model_config
-    from pipeline.compare import equal_compute_plan
+    from model.microdit.config import flops_per_sample, model_config
+    from pipeline.report.compare import equal_compute_plan
     from pipeline.train.config import StageConfig
 
     model = model_config("MicroDiT_XL_2")
@@ -147,8 +147,8 @@ def test_equal_compute_plan_arithmetic():
 def test_compare_report(tmp_path):
     from dataclasses import asdict
 
-    from model.config import flops_per_sample, model_config
-    from pipeline.compare import compare_report
+    from model.microdit.config import flops_per_sample, model_config
+    from pipeline.report.compare import compare_report
 
     model = model_config("MicroDiT_Debug")
     masked, plain = str(tmp_path / "masked"), str(tmp_path / "plain")
@@ -174,7 +174,7 @@ def test_compare_report(tmp_path):
 
 
 def test_report_on_s3(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
-    from pipeline import storage
+    from pipeline.core import storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     local = str(tmp_path / "run")

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from flows.full_run import expand_force, step_order
-from pipeline import configs
-from pipeline.download import DownloadConfig
-from pipeline.evaluate import EvalConfig
-from pipeline.precompute import PrecomputeConfig
-from pipeline.run_config import apply_override, from_recipe_dict, load_recipe
+from pipeline.core import configs
+from pipeline.data.download import DownloadConfig
+from pipeline.evaluate.evaluate import EvalConfig
+from pipeline.data.precompute import PrecomputeConfig
+from pipeline.core.run_config import apply_override, from_recipe_dict, load_recipe
 from pipeline.train.config import StageConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -1,4 +1,4 @@
-"""Heun EDM sampler with classifier-free guidance (model/sampler.py): schedule, accuracy, CFG, determinism."""
+"""Heun EDM sampler with classifier-free guidance (model/samplers/heun.py): schedule, accuracy, CFG, determinism."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.sampler import HeunOutput, HeunSampler, guided_denoiser, karras_sigmas, make_noise
+from model.samplers.heun import HeunOutput, HeunSampler, guided_denoiser, karras_sigmas, make_noise
 
 S = 0.5  # std of the Gaussian "data"
 
@@ -143,8 +143,8 @@ def test_manual_step_loop_equals_sample():
 
 
 def test_sampler_drives_microdit_debug():
-    from model.config import model_config
-    from model.microdit import MicroDiT
+    from model.microdit.config import model_config
+    from model.microdit.network import MicroDiT
 
     torch.manual_seed(0)
     cfg = model_config("MicroDiT_Debug")

@@ -5,14 +5,14 @@ import urllib.request
 
 import pytest
 
-from pipeline import storage
+from pipeline.core import storage
 
 
 @pytest.mark.slow
 def test_ray_head_answers_with_dashboard(ray_address):
     import ray
 
-    from pipeline import ray_cluster
+    from pipeline.core import ray_cluster
 
     gcs = ray_cluster.connect(ray_address)
     assert gcs.rsplit(":", 1)[1] == ray_address.rsplit(":", 1)[1]  # Ray reports the node's own IP
@@ -39,7 +39,7 @@ def test_without_an_address_a_stale_ray_start_file_is_ignored():
             f.write(f"127.0.0.1:{dead}")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = tmp
-        code = ("import ray; from pipeline.ray_cluster import connect; gcs = connect(num_cpus=1); "
+        code = ("import ray; from pipeline.core.ray_cluster import connect; gcs = connect(num_cpus=1); "
                 "assert ray.get(ray.remote(lambda: 7).remote()) == 7; print('GCS', gcs); ray.shutdown()")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import sources, storage
-from pipeline.sources.shards import IngestConfig, read_shard_tar
+from pipeline.data import sources
+
+from pipeline.core import storage
+from pipeline.data.sources.shards import IngestConfig, read_shard_tar
 
 POLICY = {"min_side": 32, "max_side": 64}  # tiny stand-in for the recipe's 256 / 512
 
@@ -323,7 +325,7 @@ def test_coco_eval_captions_and_images(tmp_path):
         assert c["caption"] in {f"later {c['image_id']}", f"first {c['image_id']}", f"last {c['image_id']}"}
     assert len({c["caption"].split()[0] for c in caps}) > 1  # drawn, not always the lowest annotation id
     # The evaluation draws the same caption for every image it shares with the ingest (one protocol).
-    from pipeline.evaluate import coco_eval_set
+    from pipeline.evaluate.evaluate import coco_eval_set
     by_id = {c["image_id"]: c["caption"] for c in caps}
     for n in (5, 3):
         assert all(by_id[r["image_id"]] == r["caption"] for r in coco_eval_set(str(tmp_path), n, seed=0))
@@ -342,7 +344,7 @@ def test_coco_eval_captions_and_images(tmp_path):
 # ------------------------------------------------------------------------------------------- synthetic
 
 def test_synthetic_source_points_at_callers_server(tmp_path):
-    from pipeline.synthetic import serve_folder
+    from pipeline.testing.synthetic import serve_folder
 
     images = tmp_path / "syn"
     out = str(tmp_path / "synthetic.parquet")

@@ -1,4 +1,4 @@
-"""pipeline/synthetic.py: rendering, captions, dataset files and the loopback server with opt-out headers."""
+"""pipeline/testing/synthetic.py: rendering, captions, dataset files and the loopback server with opt-out headers."""
 from __future__ import annotations
 
 import collections
@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.images import SkipReason, decode_image, prepare
-from pipeline.synthetic import (
+from pipeline.core.images import SkipReason, decode_image, prepare
+from pipeline.testing.synthetic import (
     BACKGROUNDS, BAD_KINDS, COLOURS, ShapeSpec, all_specs, load_synthetic_dataset, parse_caption, render,
     render_array, serve_folder, write_synthetic_dataset,
 )

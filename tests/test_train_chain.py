@@ -38,9 +38,9 @@ def _weights(uri: str) -> dict[str, torch.Tensor]:
 def test_four_stages_chain_on_s3(ray_address, s3_endpoint, s3_bucket, monkeypatch):
     import ray
 
-    from model.config import ModelConfig
-    from model.microdit import MicroDiT
-    from pipeline import storage
+    from model.microdit.config import ModelConfig
+    from model.microdit.network import MicroDiT
+    from pipeline.core import storage
     from pipeline.train import train_stage
 
     ray.shutdown()  # reconnect below with the S3 endpoint in the workers' environment

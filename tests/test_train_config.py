@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import schema
+from pipeline.core import schema
 from pipeline.train.config import load_stages, stage_config
 from pipeline.train.data import DecodeLatents, MixtureStream, mixture_weights
 
@@ -156,10 +156,10 @@ def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path):
     """One gloo rank: FSDP2 from outside, a step, DCP save, then load into a fresh copy gives the same state."""
     import torch.distributed as dist
 
-    from model.config import model_config
+    from model.microdit.config import model_config
     from model.ema import EMA
-    from model.microdit import MicroDiT
-    from model.optim import build_optimizer
+    from model.microdit.network import MicroDiT
+    from pipeline.train.optim import build_optimizer
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.parallelize import build_mesh, parallelize
 

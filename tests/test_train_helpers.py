@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema, storage
+from pipeline.core import schema, storage
 
 TEXT_WIDTH = 64  # MicroDiT_Debug caption_dim
 

@@ -45,7 +45,7 @@ def _losses(root: str) -> list[float]:
 
 
 def _eval_loss(model, latents, caption) -> float:
-    from model.edm import EDMConfig, edm_loss
+    from model.objectives.edm import EDMConfig, edm_loss
 
     gen = torch.Generator().manual_seed(0)
     sigma = torch.exp(torch.randn(latents.shape[0], generator=gen) * 1.2 - 0.6)
@@ -57,9 +57,9 @@ def _eval_loss(model, latents, caption) -> float:
 def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     from safetensors.torch import load_file
 
-    from model.config import ModelConfig
-    from model.microdit import MicroDiT
-    from pipeline import schema
+    from model.microdit.config import ModelConfig
+    from model.microdit.network import MicroDiT
+    from pipeline.core import schema
     from pipeline.train.metrics import read_metrics
     import pyarrow.parquet as pq
 

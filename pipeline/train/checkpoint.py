@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import storage
+from pipeline.core import storage
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 MODEL_CONFIG, STAGE_CONFIG, TRAIN_STATE = "model_config.json", "stage_config.json", "train_state.json"

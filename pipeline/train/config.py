@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.configs import from_dict
+from pipeline.core.configs import from_dict
 
 INIT_KINDS = ("scratch", "full_state", "weights")
 SCHEDULES = ("cosine", "constant")
@@ -163,7 +163,7 @@ class StageConfig:
 
     def lr_lambda(self) -> Callable[[int], float]:
         """The stage's LR multiplier as a function of the stage step."""
-        from model.optim import constant_schedule, cosine_schedule
+        from pipeline.train.optim import constant_schedule, cosine_schedule
 
         s = self.schedule
         if s.kind == "cosine":
@@ -194,7 +194,7 @@ def stage_config(data: dict[str, Any] | StageConfig) -> StageConfig:
 
 def load_stages(path: str) -> list[StageConfig]:
     """Parse a stage-list YAML (a `stages:` list of StageConfig dicts) into StageConfigs."""
-    from pipeline.configs import load_yaml
+    from pipeline.core.configs import load_yaml
 
     data = load_yaml(path)
     unknown = sorted(set(data) - {"stages"})

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema, storage
+from pipeline.core import schema, storage
 
 LATENTS, CAPTION = "latents", "caption"
 

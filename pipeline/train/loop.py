@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline import storage
+from pipeline.core import storage
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import StageConfig, stage_config
 from pipeline.train.data import MixtureStream
@@ -33,8 +33,8 @@ def micro_generator(stage: StageConfig, step: int, micro: int, rank: int, device
 
 def build_model(model_cfg: dict[str, Any], stage: StageConfig, weights_uri: str | None):
     """The plain MicroDiT, initialised identically on every rank (seeded), or from exported weights."""
-    from model.config import ModelConfig
-    from model.microdit import MicroDiT
+    from model.microdit.config import ModelConfig
+    from model.microdit.network import MicroDiT
 
     torch.manual_seed(stage.seed)
     model = MicroDiT(ModelConfig(**model_cfg))
@@ -106,7 +106,7 @@ def build_worker(config: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
     from model.ema import EMA
-    from model.optim import build_optimizer
+    from pipeline.train.optim import build_optimizer
 
     stage = stage_config(config["stage"])
     ctx = ray.train.get_context()
@@ -137,7 +137,7 @@ def train_step(w: Worker, stream: MixtureStream, step: int, edm) -> tuple[float,
     """One optimizer step: accumulate, global non-finite check, clip, AdamW, EMA.
 
     -> (loss, grad norm, stepped, seconds this rank waited for its batches)."""
-    from model.edm import drop_captions, edm_loss
+    from model.objectives.edm import drop_captions, edm_loss
 
     stage, model, device = w.stage, w.model, w.device
     accum = stage.accumulation_steps()
@@ -184,8 +184,8 @@ def train_step(w: Worker, stream: MixtureStream, step: int, edm) -> tuple[float,
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: build, shard, resume, train the stage's steps, checkpoint, sample, export."""
     import ray.train
-    from model.edm import EDMConfig
-    from model.optim import apply_lr
+    from model.objectives.edm import EDMConfig
+    from pipeline.train.optim import apply_lr
 
     w = build_worker(config)
     stage, t = w.stage, w.train

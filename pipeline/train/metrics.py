@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
+from pipeline.core import storage
 
 log = logging.getLogger("microdit.train")
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import storage
+from pipeline.core import storage
 from pipeline.train.parallelize import reshard_all
 
 
@@ -15,7 +15,7 @@ from pipeline.train.parallelize import reshard_all
 def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, *, steps: int, guidance: float,
                    sigma_data: float, seed: int) -> torch.Tensor:
     """Latents (K, C, H, W) drawn with the EMA weights (swapped in, then back); run on every rank (FSDP)."""
-    from model.sampler import HeunSampler, make_noise
+    from model.samplers.heun import HeunSampler, make_noise
 
     device = captions.device
     backup = {n: p.detach().clone() for n, p in model.named_parameters()}

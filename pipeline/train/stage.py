@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline import storage
+from pipeline.core import storage
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import StageConfig, stage_config
 from pipeline.train.data import build_datasets, dataset_name, fixed_prompts, mixture_weights, source_shapes
@@ -38,7 +38,7 @@ def is_done(root: str, name: str) -> bool:
 
 def resolve_model_config(model: Any):
     """A ModelConfig from a ModelConfig, a preset name, or {"preset": ..., **overrides}."""
-    from model.config import ModelConfig, model_config
+    from model.microdit.config import ModelConfig, model_config
 
     if isinstance(model, ModelConfig):
         return model
@@ -128,9 +128,9 @@ def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mappi
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from model.config import flops_per_sample
-    from pipeline.configs import to_dict
-    from pipeline.ray_cluster import connect
+    from model.microdit.config import flops_per_sample
+    from pipeline.core.configs import to_dict
+    from pipeline.core.ray_cluster import connect
     from pipeline.train.loop import train_loop_per_worker
 
     stage = stage_config(stage)

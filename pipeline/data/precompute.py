@@ -1,0 +1,347 @@
+"""Precompute step: webdataset shards -> Parquet of VAE latents per resolution and caption token states, on Ray.
+
+Design (why it is resumable and never duplicates under Ray Data's parallel, unordered execution):
+- The unit of commit is an input shard: `{shards}/00042.tar` becomes exactly `{out}/part-00042.parquet`, written
+  once, atomically (local: temp file + rename; S3: one PUT), with the shard's counts in its Parquet footer. A part
+  that exists is complete; a rerun skips its shard and reads its counts back from the footer.
+- Inside a shard the work streams per row, so a 10,000-image shard never has to sit in one object: Ray Data reads
+  shards (tasks), decodes and crops images (CPU tasks), encodes latents and captions (actor pools, on GPUs when the
+  cluster has them), and spools encoded rows to `{out}/_spool/<shard>/<uuid>.parquet` (tasks). Spools are
+  invisible to readers (`_` prefix) and are only ever read through the summaries the driver received, so a
+  retried task's orphan spool is never read twice.
+- Every row, skipped or not, reaches the spool writer, and each shard ends with one end row carrying its sample
+  count. When the driver has seen as many rows as that count, the shard is complete: a Ray task merges its spools
+  in key order into the part file and deletes them. A crash leaves only spools, cleared by the next run.
+- `_report.json` then `_SUCCESS` are written last; a rerun after `_SUCCESS` returns the stored report.
+- Shards are read by our own tar reader, not `ray.data.read_webdataset`: the commit needs each shard's sample
+  count, pipeline.core.images needs the raw bytes to give typed skip reasons, and a truncated archive must cost its
+  tail, not fail the whole dataset.
+Bad input never stops the run: undecodable, too small or too large images, samples without an image and duplicate
+keys are counted skips; CMYK/palette/16-bit/alpha images (converted), non-UTF-8 captions (decoded with
+replacement), over-long captions (full text kept, `caption_truncated`), empty captions (kept as "" by default, or
+skipped with `empty_captions="skip"`), resolutions above an image's short side (null latents, `has_<R>` False)
+and truncated tar archives (the samples before the cut are kept, the error is reported) are counted handled cases.
+One run at a time per output folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core import schema, storage
+from pipeline.core.configs import to_dict
+from pipeline.core.images import DEFAULT_MAX_PIXELS
+from pipeline.data.precompute_stages import (SPOOL_DIR, DecodeImages, EncodeCaptions, EncodeImages, ReadShard,
+                                        SpoolWriter)
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = b"microdit.precompute"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+# Settings that change the rows written; a resumed run must match the parts already there.
+CONTENT_FIELDS = ("resolutions", "vae", "text_encoder", "source", "max_caption_tokens", "seed", "min_side",
+                  "max_pixels", "empty_captions")
+
+
+@dataclass
+class PrecomputeConfig:
+    """What to compute (encoders, resolutions, decode limits) and how wide to run it on Ray."""
+
+    resolutions: list[int] = field(default_factory=lambda: [256, 512])
+    vae: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    text_encoder: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
+    source: str | None = None  # dataset name in keys; default: the shard folder's name
+    max_caption_tokens: int = 77
+    seed: int = 0  # posterior samples are seeded per row from (seed, key, resolution)
+    min_side: int | None = None  # skip images whose short side is below this; default: the smallest resolution
+    max_pixels: int = DEFAULT_MAX_PIXELS  # declared width x height above this: skipped as too_large
+    empty_captions: str = "keep"  # "keep" (caption "") or "skip"
+    dtype: str = "auto"  # encoder dtype: auto = bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # auto = cuda when the cluster has GPUs
+    vae_batch_size: int = 32
+    text_batch_size: int = 64
+    vae_actors: int = 1
+    text_actors: int = 1
+    vae_gpus_per_actor: float = 0.5  # two encoder actors share one GPU by default
+    text_gpus_per_actor: float = 0.5
+    cpus_per_actor: float = 1.0
+    read_batch_rows: int = 64  # rows per block leaving the shard reader
+    decode_batch_rows: int = 16
+    spool_rows: int = 256  # rows per spool file (before the per-shard merge)
+    row_group_rows: int = 1024  # Parquet row group size; a part file holds one input shard
+    max_commits_in_flight: int = 4
+    require_complete_input: bool = True  # the shard folder must carry the download step's _SUCCESS
+
+    def __post_init__(self):
+        self.resolutions = sorted({int(r) for r in self.resolutions})
+        if not self.resolutions or self.resolutions[0] < 1:
+            raise ValueError(f"resolutions must be positive integers, got {self.resolutions}")
+        for name, allowed in (("empty_captions", ("keep", "skip")), ("dtype", DTYPES), ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
+        for name in ("vae_batch_size", "text_batch_size", "vae_actors", "text_actors", "read_batch_rows",
+                     "decode_batch_rows", "spool_rows", "row_group_rows", "max_commits_in_flight"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def content_fingerprint(cfg: PrecomputeConfig, source: str) -> dict:
+    """The settings that decide row content (a resumed run must match them)."""
+    out = {k: getattr(cfg, k) for k in CONTENT_FIELDS}
+    out["source"] = source
+    return out
+
+
+def list_shards(shards_uri: str, require_complete: bool = True) -> dict[str, str]:
+    """{shard name: tar URI} of a webdataset folder."""
+    if require_complete and not storage.exists(storage.join(shards_uri, "_SUCCESS")):
+        raise FileNotFoundError(f"shard folder {shards_uri!r} has no _SUCCESS marker: the download step has not "
+                                "finished (set require_complete_input=False for a folder made otherwise)")
+    tars = storage.list_files(shards_uri, ".tar")
+    if not tars:
+        raise FileNotFoundError(f"no .tar shards in {shards_uri!r}; expected img2dataset webdataset output")
+    return {posixpath.basename(t)[:-len(".tar")]: t for t in tars}
+
+
+def part_uri(out_uri: str, shard: str) -> str:
+    return storage.join(out_uri, f"part-{shard}.parquet")
+
+
+def encoder_dims(cfg: PrecomputeConfig) -> dict[str, int]:
+    """Latent channels, downsample and text shape of the configured encoders (loaded once on CPU to ask)."""
+    from model.encoders import load_text_encoder, load_vae
+
+    vae, text = load_vae(cfg.vae), load_text_encoder(cfg.text_encoder)
+    if text.context_length != cfg.max_caption_tokens:
+        raise ValueError(f"text encoder {cfg.text_encoder!r} has context length {text.context_length}, "
+                         f"expected max_caption_tokens={cfg.max_caption_tokens}")
+    return {"latent_channels": vae.latent_channels, "downsample": vae.downsample,
+            "text_tokens": text.context_length, "text_width": text.width}
+
+
+def output_schema(cfg: PrecomputeConfig) -> pa.Schema:
+    """The part files' Parquet schema for the configured encoders and resolutions."""
+    dims = encoder_dims(cfg)
+    return schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"], dims["text_tokens"],
+                                dims["text_width"])
+
+
+def read_part_stats(uri: str) -> dict:
+    """The per-shard counts stored in a part file's footer."""
+    fs, path = storage.filesystem(uri)
+    meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    if STATS_KEY not in meta:
+        raise ValueError(f"{uri!r} has no {STATS_KEY.decode()} footer; not a precompute part file")
+    return json.loads(meta[STATS_KEY])
+
+
+def commit_shard(out_uri: str, stats: dict, spools: list[str], out_schema: pa.Schema, row_group_rows: int) -> dict:
+    """Merge a complete shard's spools (key order) into its part file, atomically; then delete the spools."""
+    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(s))) for s in spools]
+    table = pa.concat_tables(tables) if tables else out_schema.empty_table()
+    table = table.sort_by("key")
+    if len(set(table.column("key").to_pylist())) != table.num_rows or table.num_rows != stats["rows"]:
+        raise RuntimeError(f"shard {stats['shard']!r}: spools hold {table.num_rows} rows, expected "
+                           f"{stats['rows']} distinct keys")
+    meta = dict(out_schema.metadata or {})
+    meta[STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
+    storage.write_parquet(part_uri(out_uri, stats["shard"]), table.cast(out_schema).replace_schema_metadata(meta),
+                          row_group_size=row_group_rows)
+    for s in spools:
+        storage.delete(s)
+    return stats
+
+
+def _on_shard_committed(stats: dict) -> None:
+    """Called on the driver after each part file is committed (progress log)."""
+    log.info("committed part-%s.parquet: %d rows, skipped %s", stats["shard"], stats["rows"], stats["skipped"])
+
+
+class _ShardTracker:
+    """Driver-side tally of spool summaries; says when a shard has all its rows spooled."""
+
+    def __init__(self, fingerprint: dict, uris: dict[str, str]):
+        self.fingerprint, self.uris = fingerprint, uris
+        self.seen, self.written, self.total = Counter(), Counter(), {}
+        self.error, self.spools = {}, {n: [] for n in uris}
+        self.skipped = {n: Counter() for n in uris}
+        self.handled = {n: Counter() for n in uris}
+
+    def add(self, s: dict) -> dict | None:
+        """Record one summary row; the shard's stats when it became complete, else None."""
+        name = str(s["shard"])
+        self.seen[name] += int(s["rows"])
+        self.written[name] += int(s["written"])
+        self.skipped[name].update(json.loads(s["skipped"]))
+        self.handled[name].update(json.loads(s["handled"]))
+        if s["spool"]:
+            self.spools[name].append(str(s["spool"]))
+        if int(s["total"]) >= 0:
+            self.total[name], self.error[name] = int(s["total"]), str(s["error"])
+        if name in self.total and self.seen[name] > self.total[name]:
+            raise RuntimeError(f"shard {name!r}: {self.seen[name]} rows seen, more than its {self.total[name]}")
+        if self.total.get(name) != self.seen[name]:
+            return None
+        assert self.written[name] + sum(self.skipped[name].values()) == self.total[name]
+        return {"shard": name, "shard_uri": self.uris[name], "samples": self.total[name],
+                "rows": self.written[name], "skipped": dict(self.skipped[name]),
+                "handled": dict(self.handled[name]), "error": self.error[name], "fingerprint": self.fingerprint}
+
+
+def build_dataset(pending: dict[str, str], out_uri: str, cfg: PrecomputeConfig, source: str,
+                  out_schema: pa.Schema, device: str, dtype: str):
+    """The Ray Data pipeline from shard URIs to per-shard spool summaries."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpu = device == "cuda"
+    items = [{"shard": name, "uri": uri} for name, uri in pending.items()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(ReadShard(cfg.read_batch_rows), batch_size=1, num_cpus=1)
+    ds = ds.map_batches(DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions),
+                        batch_size=cfg.decode_batch_rows, num_cpus=1)
+    ds = ds.map_batches(EncodeImages, batch_size=cfg.vae_batch_size * 2, compute=ActorPoolStrategy(size=cfg.vae_actors),
+                        fn_constructor_kwargs=dict(vae_spec=cfg.vae, resolutions=cfg.resolutions,
+                                                   batch_size=cfg.vae_batch_size, device=device, dtype=dtype,
+                                                   seed=cfg.seed),
+                        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.vae_gpus_per_actor if gpu else 0)
+    ds = ds.map_batches(EncodeCaptions, batch_size=cfg.text_batch_size, compute=ActorPoolStrategy(size=cfg.text_actors),
+                        fn_constructor_kwargs=dict(text_spec=cfg.text_encoder, batch_size=cfg.text_batch_size,
+                                                   device=device, dtype=dtype, max_tokens=cfg.max_caption_tokens),
+                        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.text_gpus_per_actor if gpu else 0)
+    return ds.map_batches(SpoolWriter(out_uri, source, cfg.resolutions, out_schema), batch_size=cfg.spool_rows,
+                          num_cpus=1)
+
+
+def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConfig, source: str) -> dict[str, dict]:
+    """{shard name: stats}: the same stages, tally and commit as precompute(), in this process without Ray, on CPU.
+
+    For tests and the benchmark's baseline; no _report.json or _SUCCESS is written.
+    """
+    out_schema = output_schema(cfg)
+    read = ReadShard(cfg.read_batch_rows)
+    decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
+    vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
+    text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens)
+    write = SpoolWriter(out_uri, source, cfg.resolutions, out_schema)
+    tracker = _ShardTracker(content_fingerprint(cfg, source), shards)
+    done = {}
+    for name, uri in shards.items():
+        for batch in read({"uri": np.array([uri], object), "shard": np.array([name], object)}):
+            summary = write(text(vae(decode(batch))))
+            for i in range(len(summary["shard"])):
+                stats = tracker.add({k: v[i] for k, v in summary.items()})
+                if stats is not None:
+                    done[name] = commit_shard(out_uri, stats, tracker.spools[name], out_schema, cfg.row_group_rows)
+        if name not in done:
+            raise RuntimeError(f"shard {name!r}: {tracker.seen[name]} rows spooled but its end row never came")
+    storage.delete(storage.join(out_uri, SPOOL_DIR))  # committed spools are gone; drop their empty folders
+    return done
+
+
+def _resolve_device(cfg: PrecomputeConfig) -> tuple[str, str]:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    if device == "cuda" and gpus <= 0:
+        raise ValueError("device='cuda' but the Ray cluster has no GPUs")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
+def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address: str | None = None) -> dict:
+    """Encode every sample of the webdataset shards under `shards_uri` into part Parquet files under `out_uri`."""
+    import ray
+
+    from pipeline.core import ray_cluster
+
+    start = time.monotonic()
+    source = cfg.source or posixpath.basename(str(shards_uri).rstrip("/"))
+    fingerprint = content_fingerprint(cfg, source)
+    done_uri, report_uri = storage.join(out_uri, "_SUCCESS"), storage.join(out_uri, "_report.json")
+    if storage.exists(done_uri):
+        report = storage.read_json(report_uri)
+        _check_fingerprint(report.get("fingerprint"), fingerprint, report_uri)
+        return report
+    shards = list_shards(shards_uri, cfg.require_complete_input)
+    out_schema = output_schema(cfg)
+    stats = {}
+    for name in shards:
+        if storage.exists(part_uri(out_uri, name)):
+            stats[name] = read_part_stats(part_uri(out_uri, name))
+            _check_fingerprint(stats[name].get("fingerprint"), fingerprint, part_uri(out_uri, name))
+    storage.delete(storage.join(out_uri, SPOOL_DIR))  # leftovers of a crashed run: never committed, never read
+    pending = {n: u for n, u in shards.items() if n not in stats}
+    ray_cluster.connect(ray_address)
+    device, dtype = _resolve_device(cfg)
+    log.info("precompute %s -> %s: %d shards, %d already done, on %s/%s", shards_uri, out_uri, len(shards),
+             len(stats), device, dtype)
+    if pending:
+        ds = build_dataset(pending, out_uri, cfg, source, out_schema, device, dtype)
+        tracker = _ShardTracker(fingerprint, pending)
+        commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+        in_flight = []
+
+        def finish(refs):
+            for s in ray.get(refs):
+                stats[s["shard"]] = s
+                _on_shard_committed(s)
+
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["shard"])):
+                s = tracker.add({k: v[i] for k, v in batch.items()})
+                if s is None:
+                    continue
+                in_flight.append(commit.remote(out_uri, s, tracker.spools[s["shard"]], out_schema,
+                                               cfg.row_group_rows))
+                while len(in_flight) >= cfg.max_commits_in_flight:
+                    ready, in_flight = ray.wait(in_flight, num_returns=1)
+                    finish(ready)
+        finish(in_flight)
+        missing = sorted(set(pending) - set(stats))
+        if missing:
+            raise RuntimeError(f"shards {missing} did not complete (rows seen {dict(tracker.seen)}, "
+                               f"expected {tracker.total}); rerun to retry them")
+        storage.delete(storage.join(out_uri, SPOOL_DIR))
+    report = _report(shards_uri, out_uri, cfg, shards, stats, pending, out_schema, fingerprint, device, dtype)
+    report["elapsed_s"] = round(time.monotonic() - start, 3)
+    storage.write_json(report_uri, report)
+    storage.write_bytes(done_uri, b"")
+    return report
+
+
+def _check_fingerprint(found: dict | None, expected: dict, where: str) -> None:
+    if found != expected:
+        diff = sorted(k for k in set(found or {}) | set(expected) if (found or {}).get(k) != expected.get(k))
+        raise ValueError(f"{where!r} was made with different settings {diff} ({found} vs now {expected}); "
+                         "use a fresh output folder or the same settings")
+
+
+def _report(shards_uri, out_uri, cfg, shards, stats, pending, out_schema, fingerprint, device, dtype) -> dict:
+    skipped, handled = Counter(), Counter()
+    for s in stats.values():
+        skipped.update(s["skipped"])
+        handled.update(s["handled"])
+    return {
+        "shards_uri": shards_uri, "out_uri": out_uri, "source": fingerprint["source"],
+        "rows_written": sum(s["rows"] for s in stats.values()),
+        "rows_written_this_run": sum(stats[n]["rows"] for n in pending),
+        "samples_seen": sum(s["samples"] for s in stats.values()),
+        "skipped": dict(sorted(skipped.items())), "handled": dict(sorted(handled.items())),
+        "shards": {"total": len(shards), "processed": len(pending), "already_done": len(shards) - len(pending),
+                   "errors": {n: s["error"] for n, s in sorted(stats.items()) if s["error"]}},
+        "schema": {f.name: str(f.type) + (f" shape {schema.field_shape(f)}" if f.metadata else "")
+                   for f in out_schema},
+        "device": device, "dtype": dtype, "fingerprint": fingerprint, "config": to_dict(cfg),
+    }
+

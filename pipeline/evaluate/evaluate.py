@@ -1,0 +1,198 @@
+"""Evaluation of exported weights: FID and CLIP score on COCO-2014 val captions, and the synthetic demo metric.
+
+Protocol (fixed; every number below is recorded in metrics.json beside the result):
+  * Captions: COCO-2014 val (`{coco}/annotations/captions_val2014.json`), `num_images` (30,000) images and one
+    caption each, drawn with random.Random(seed) by pipeline/data/coco_captions.py (the COCO ingest uses the same).
+  * Generated: one image per caption at `resolution` (256 or 512), Heun EDM sampler, `steps` (30), `guidance`
+    (5.0), image i with noise seed `seed + i`, EMA weights; written as PNGs under {root}/eval/samples/.
+  * Real: the same COCO images, bicubic resize of the short side and center crop to `resolution`
+    (pipeline/core/images.py, the training preprocessing), as uint8.
+  * FID: torchmetrics FrechetInceptionDistance, 2048-d pool features (`fid_features`) of torch-fidelity's Inception-v3
+    (pt_inception-2015-12-05 weights, local file via `inception_weights`), images resized to 299 by
+    torch-fidelity's TF1-compatible bilinear resize (`fid_antialias=False`, as the reference FID code does).
+  * CLIP score: torchmetrics CLIPScore (100 x cosine of image and caption embeddings, mean, floored at 0) with
+    open_clip `clip_model` / `clip_pretrained` (ViT-L-14 / openai by default; a local weights file offline).
+  * Demo (tiny recipe): fixed synthetic captions; each sample is read back (colour, shape, background,
+    position, size) and compared with its caption: caption_match = colour and shape both right.
+Writes {root}/eval/metrics.json, then {root}/eval/_SUCCESS holding the request; a rerun with the same request is
+a no-op, and an interrupted run resumes: generated PNGs and the real-image statistics are kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image
+
+from pipeline.core import storage
+from pipeline.data.coco_captions import select_captions
+from pipeline.core.configs import to_dict
+from pipeline.evaluate.metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
+                                   update_clip, update_fid)
+from pipeline.generate import GenerateConfig, Generator, encode_png, image_name, make_grid, resolve_device
+
+COCO_CAPTIONS = "annotations/captions_val2014.json"
+COCO_IMAGES = "val2014"
+DONE = "_SUCCESS"
+
+
+@dataclass
+class EvalConfig:
+    """What to measure and by which protocol (see the module docstring)."""
+
+    coco: str | None = None  # COCO-2014 root (annotations/ + val2014/); None: no FID / CLIP score
+    num_images: int = 30_000
+    resolution: int = 256
+    steps: int = 30
+    guidance: float = 5.0
+    seed: int = 0
+    batch_size: int = 32
+    use_ema: bool = True
+    fid: bool = True
+    inception_weights: str | None = None  # local Inception file; None: torch-fidelity downloads its copy
+    fid_antialias: bool = False
+    fid_features: int = 2048  # Inception pool width: 2048 is the standard FID (64/192/768 for quick checks)
+    clip: bool = True
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"  # open_clip tag or a local weights file
+    demo: bool = False  # the synthetic caption-match metric
+    demo_prompts: list[str] | None = None  # None: DEMO_PROMPTS
+    demo_seeds: int = 1  # images per demo prompt
+    demo_resolution: int | None = None  # None: the model's own
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.num_images < 2:
+            raise ValueError(f"num_images={self.num_images}: FID needs at least 2 images")
+        if self.resolution < 1:
+            raise ValueError(f"resolution={self.resolution}: expected a pixel size (the protocol uses 256 or 512)")
+        if self.demo_seeds < 1:
+            raise ValueError(f"demo_seeds={self.demo_seeds}: expected >= 1")
+
+
+def demo_prompts() -> list[str]:
+    """Every colour x shape, large and centred, backgrounds in turn: 18 in-distribution synthetic captions."""
+    from pipeline.testing.synthetic import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec
+
+    bgs = list(BACKGROUNDS)
+    specs = [(c, s) for c in COLOURS for s in SHAPES]
+    return [ShapeSpec(c, s, bgs[i % len(bgs)], "center", "large").caption for i, (c, s) in enumerate(specs)]
+
+
+def coco_eval_set(coco: str, num: int, seed: int) -> list[dict]:
+    """[{image_id, file, caption}] of the protocol's COCO selection (pipeline/data/coco_captions.py)."""
+    rows = select_captions(storage.join(coco, COCO_CAPTIONS), num, seed)
+    return [{"image_id": r["image_id"], "file": storage.join(coco, COCO_IMAGES, r["file_name"]),
+             "caption": r["caption"]} for r in rows]
+
+
+def _real_batches(rows: list[dict], resolution: int, batch: int):
+    from pipeline.core.images import decode_image, preprocess, to_uint8
+
+    for i in range(0, len(rows), batch):
+        out = []
+        for r in rows[i:i + batch]:
+            d = decode_image(storage.read_bytes(r["file"]))
+            if d.image is None:
+                raise ValueError(f"COCO image {r['file']!r} could not be decoded ({d.reason.value})")
+            out.append(to_uint8(preprocess(d.image, resolution)))  # (R, R, 3)
+        yield np.stack(out)
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_to_folder(gen: Generator, prompts: list[str], folder: str) -> list[str]:
+    """PNG per prompt (seed base + i) under folder; images already there are kept (resume)."""
+    have = set(storage.list_files(folder, ".png"))
+    files = [storage.join(folder, image_name(i, gen.cfg.seed + i)) for i in range(len(prompts))]
+    todo = [i for i, f in enumerate(files) if f not in have and not storage.exists(f)]
+    for k in range(0, len(todo), gen.cfg.batch_size):
+        idx = todo[k:k + gen.cfg.batch_size]
+        # Seeds are per image, so a batch of leftovers after a resume samples the same pictures.
+        images = gen.sample([prompts[i] for i in idx], seeds=[gen.cfg.seed + i for i in idx])
+        for i, image in zip(idx, images, strict=True):
+            storage.write_bytes(files[i], gen.sample_png(image, prompts[i], i))
+    return files
+
+
+def _read_png(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+
+
+def _batches(files: list[str], size: int):
+    for i in range(0, len(files), size):
+        yield np.stack([_read_png(f) for f in files[i:i + size]])
+
+
+def evaluate(weights_uri: str, root_uri: str, cfg: EvalConfig | None = None, vae_spec: str | None = None,
+             text_spec: str | None = None) -> dict:
+    """Measure the weights by the protocol; writes {root}/eval/metrics.json (+ _SUCCESS). Idempotent."""
+    cfg = cfg or EvalConfig()
+    eval_uri = storage.join(root_uri, "eval")
+    request = {"weights": str(weights_uri), "config": to_dict(cfg), "vae": vae_spec, "text": text_spec}
+    done_uri, metrics_uri = storage.join(eval_uri, DONE), storage.join(eval_uri, "metrics.json")
+    if storage.exists(done_uri) and storage.read_json(done_uri) == request and storage.exists(metrics_uri):
+        return storage.read_json(metrics_uri)
+
+    metrics: dict = {"protocol": to_dict(cfg), "weights": str(weights_uri)}
+    gcfg = GenerateConfig(steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
+                          use_ema=cfg.use_ema, device=cfg.device, grid=False)
+    if cfg.demo:
+        metrics["demo"] = _demo(weights_uri, eval_uri, cfg, gcfg, vae_spec, text_spec)
+    if cfg.coco and (cfg.fid or cfg.clip):
+        metrics.update(_coco(weights_uri, eval_uri, cfg, replace(gcfg, resolution=cfg.resolution), vae_spec,
+                             text_spec))
+    elif cfg.fid or cfg.clip:
+        metrics["skipped"] = {"fid_clip": "no COCO-2014 root given (evaluate.coco)"}
+    storage.write_json(metrics_uri, metrics)
+    storage.write_json(done_uri, request)  # last: marks metrics.json complete for this request
+    return metrics
+
+
+def _demo(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec) -> dict:
+    prompts = [p for p in (cfg.demo_prompts or demo_prompts()) for _ in range(cfg.demo_seeds)]
+    gen = Generator(weights_uri, replace(gcfg, resolution=cfg.demo_resolution), vae_spec, text_spec)
+    folder = storage.join(eval_uri, "demo", _key({"prompts": prompts, "w": gen.weights_sha256, "g": to_dict(gcfg),
+                                                   "r": gen.resolution}))
+    files = sample_to_folder(gen, prompts, folder)
+    images = [_read_png(f) for f in files]
+    result = caption_match(images, prompts)
+    grid_uri = storage.join(eval_uri, "demo_grid.png")
+    storage.write_bytes(grid_uri, encode_png(np.asarray(make_grid(images, prompts))))
+    return {**result, "samples": folder, "grid": grid_uri, "resolution": gen.resolution}
+
+
+def _coco(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec) -> dict:
+    rows = coco_eval_set(cfg.coco, cfg.num_images, cfg.seed)
+    prompts = [r["caption"] for r in rows]
+    gen = Generator(weights_uri, gcfg, vae_spec, text_spec)
+    folder = storage.join(eval_uri, "samples", _key({"rows": _key(rows), "w": gen.weights_sha256,
+                                                     "g": to_dict(gcfg)}))
+    files = sample_to_folder(gen, prompts, folder)
+    del gen  # free the generator before the metric networks load
+    device, out = resolve_device(cfg.device), {"num_images": len(rows), "samples": folder}
+    if cfg.fid:
+        fid = build_fid(cfg.fid_features, cfg.inception_weights, cfg.fid_antialias, device)
+        real_key = _key([_key(rows), cfg.resolution, cfg.fid_antialias, cfg.fid_features, cfg.inception_weights])
+        real_uri = storage.join(eval_uri, f"fid_real_{real_key}.safetensors")
+        if storage.exists(real_uri):
+            load_real_state(fid, real_uri)
+        else:
+            for batch in _real_batches(rows, cfg.resolution, cfg.batch_size):
+                update_fid(fid, batch, real=True)
+            save_real_state(fid, real_uri)
+        for batch in _batches(files, cfg.batch_size):
+            update_fid(fid, batch, real=False)
+        out["fid"] = float(fid.compute())
+        out["fid_real_stats"] = real_uri
+    if cfg.clip:
+        clip = load_clip_score(cfg.clip_model, cfg.clip_pretrained, device)
+        for i, batch in enumerate(_batches(files, cfg.batch_size)):
+            update_clip(clip, batch, prompts[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+        out["clip_score"] = float(clip.compute())
+    return out

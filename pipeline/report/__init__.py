@@ -1,0 +1,1 @@
+"""The report step: one run's report (losses, throughput, cost, samples, metrics) and two-run comparisons."""

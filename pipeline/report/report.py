@@ -1,0 +1,274 @@
+"""The run report: per-stage loss and throughput, GPU-hours and cost, sample grids and metrics vs the paper.
+
+Reads only what the steps left under the run root:
+    {root}/config.json                       the resolved recipe (stage order; optional)
+    {root}/train/{stage}/metrics.jsonl       {step, loss, samples_per_s, step_s, data_wait_s?, mfu?, ...} per log
+    {root}/train/{stage}/export/config.json  {"model", "stage"}: workers, GPUs, global batch, mask ratio
+    {root}/train/{stage}/samples/*.png, {root}/samples/grid.png, {root}/eval/metrics.json, eval/demo_grid.png
+and writes {root}/report/report.md, report.html, stats.json and the PNGs they show (copied in, so the folder
+stands alone, on S3 too). Training time of a stage is the sum over logged windows of steps x seconds per step,
+so time lost to a crash before the last checkpoint is not counted; cost = time x GPUs x price per GPU-hour.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.core import storage
+
+# Stretching Each Dollar (arXiv 2407.15811), Table / abstract figures.
+PAPER = {"fid_22m_real": 12.72, "fid_37m": 12.66, "geneval": 0.46, "cost_usd": 1890.0, "price_per_gpu_hour": 3.75,
+         "gpus": 8, "days": 2.6, "samples_per_s": 3050.0}
+
+
+@dataclass
+class ReportConfig:
+    """Report settings: GPU price, stage order (None: the run config's, else by name), title, HTML copy."""
+
+    price_per_gpu_hour: float = 3.75  # RECIPE.md: $3.75 per H100-hour
+    stages: list[str] | None = None
+    title: str = "MicroDiT run report"
+    html: bool = True
+    tail: int = 5  # final loss = mean of the last `tail` logged losses
+
+    def __post_init__(self) -> None:
+        if self.price_per_gpu_hour < 0:
+            raise ValueError(f"price_per_gpu_hour={self.price_per_gpu_hour}: expected >= 0")
+        if self.tail < 1:
+            raise ValueError(f"tail={self.tail}: expected >= 1")
+
+
+def read_jsonl(uri: str) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a malformed line -> ValueError naming the file and line."""
+    rows = []
+    for n, line in enumerate(storage.read_bytes(uri).decode().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{uri!r} line {n} is not JSON: {e}") from e
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float, tail: int = 5) -> dict[str, Any]:
+    """Steps, samples, training time, mean throughput, GPU-hours, cost and final loss of one stage's metrics."""
+    if not rows:
+        raise ValueError("stage has no metrics rows")
+    batch = int(stage.get("global_batch", 0)) or None
+    seconds, waited, timed, prev = 0.0, 0.0, 0.0, 0
+    for r in rows:
+        window = r["step"] - prev  # optimizer steps since the previous log line
+        if "step_s" in r:
+            seconds += window * float(r["step_s"])
+            if r.get("data_wait_s") is not None:
+                waited, timed = waited + window * float(r["data_wait_s"]), timed + window * float(r["step_s"])
+        elif batch and r.get("samples_per_s"):
+            seconds += window * batch / float(r["samples_per_s"])
+        prev = r["step"]
+    if not seconds and all("time" in r for r in rows) and len(rows) > 1:
+        seconds = float(rows[-1]["time"]) - float(rows[0]["time"])  # wall clock between first and last log
+    steps = int(rows[-1]["step"])
+    gpus = int(stage.get("num_workers", 1)) if stage.get("use_gpu", True) else 0
+    hours = seconds / 3600.0
+    losses = [float(r["loss"]) for r in rows if r.get("loss") is not None]
+    out = {"steps": steps, "samples": steps * batch if batch else None, "hours": hours, "gpus": gpus,
+           "workers": int(stage.get("num_workers", 1)), "gpu_hours": hours * gpus,
+           "cost_usd": hours * gpus * price, "final_loss": sum(losses[-tail:]) / len(losses[-tail:]),
+           "first_loss": losses[0], "resolution": stage.get("resolution"), "mask_ratio": stage.get("mask_ratio")}
+    out["samples_per_s"] = out["samples"] / seconds if batch and seconds else None
+    out["input_wait"] = waited / timed if timed else None  # share of step time spent waiting for batches
+    for key in ("mfu", "mem_gb"):
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def _stage_names(root: str, cfg: ReportConfig) -> list[str]:
+    train = storage.join(root, "train")
+    train = train if storage.is_s3(train) else os.path.abspath(train)  # list_files gives absolute paths
+    found = set()
+    for uri in storage.list_files(train, "metrics.jsonl", recursive=True):
+        parts = uri[len(train):].strip("/").split("/")
+        if len(parts) == 2 and parts[1] == "metrics.jsonl":  # train/{stage}/metrics.jsonl only
+            found.add(parts[0])
+    found = sorted(found)
+    order = cfg.stages
+    if order is None and storage.exists(storage.join(root, "config.json")):
+        run = storage.read_json(storage.join(root, "config.json"))
+        order = [s["name"] for s in run.get("stages", []) if isinstance(s, dict) and "name" in s] or None
+    if order is None:
+        return found
+    missing = [s for s in order if s not in found]
+    if cfg.stages is not None and missing:
+        raise FileNotFoundError(f"no metrics.jsonl for stage(s) {missing} under {storage.join(root, 'train')!r}")
+    return [s for s in order if s in found]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_curves(series: dict[str, list[dict[str, Any]]], key: str, ylabel: str, x: str = "step",
+                xlabel: str = "stage step", logy: bool = False) -> bytes:
+    """PNG of `key` against `x`, one line per named series of metric rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, rows in series.items():
+        pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r.get(x) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=name, linewidth=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _fmt(value, spec: str = ".3f", none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _metrics_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    m = metrics or {}
+    demo = m.get("demo") or {}
+    return [
+        ("FID (COCO-2014 val, %s images)" % m.get("num_images", "-"), _fmt(m.get("fid"), ".2f"),
+         f"{PAPER['fid_22m_real']} (22M real) / {PAPER['fid_37m']} (37M)"),
+        ("CLIP score", _fmt(m.get("clip_score"), ".2f"), "not reported"),
+        ("Demo caption match (colour and shape)", _fmt(demo.get("caption_match"), ".2%"),
+         "n/a (synthetic recipe only)"),
+    ]
+
+
+def _copy(src: str, report: str, name: str) -> str | None:
+    if not storage.exists(src):
+        return None
+    storage.write_bytes(storage.join(report, name), storage.read_bytes(src))
+    return name
+
+
+def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
+    """Write {root}/report/report.md (+ .html, stats.json, PNGs) from the run's outputs; returns report.md's URI."""
+    cfg = cfg or ReportConfig()
+    report = storage.join(root_uri, "report")
+    stages = _stage_names(root_uri, cfg)
+    if not stages:
+        raise FileNotFoundError(f"no {storage.join(root_uri, 'train', '<stage>', 'metrics.jsonl')!r}: "
+                                "nothing to report; train a stage first")
+    series, stats = {}, {}
+    for name in stages:
+        series[name] = read_jsonl(storage.join(root_uri, "train", name, "metrics.jsonl"))
+        export = storage.join(root_uri, "train", name, "export", "config.json")
+        stage_cfg = storage.read_json(export).get("stage", {}) if storage.exists(export) else {}
+        stats[name] = stage_stats(series[name], stage_cfg, cfg.price_per_gpu_hour, cfg.tail)
+    totals = {k: sum(s[k] or 0 for s in stats.values()) for k in ("steps", "samples", "hours", "gpu_hours",
+                                                                   "cost_usd")}
+    totals["samples_per_s"] = totals["samples"] / (totals["hours"] * 3600) if totals["hours"] else None
+    eval_uri = storage.join(root_uri, "eval", "metrics.json")
+    metrics = storage.read_json(eval_uri) if storage.exists(eval_uri) else None
+
+    figures = {"loss.png": plot_curves(series, "loss", "training loss", logy=True),
+               "throughput.png": plot_curves(series, "samples_per_s", "samples / s")}
+    for fname, data in figures.items():
+        storage.write_bytes(storage.join(report, fname), data)
+    grids = []  # (title, file name in the report folder)
+    for title, src, fname in ([("Final samples", storage.join(root_uri, "samples", "grid.png"), "samples.png"),
+                               ("Demo caption-match samples", storage.join(root_uri, "eval", "demo_grid.png"),
+                                "demo_grid.png")]
+                              + [(f"{s}: last training samples", _last_png(root_uri, s), f"samples_{s}.png")
+                                 for s in stages]):
+        if src and _copy(src, report, fname):
+            grids.append((title, fname))
+
+    md = _markdown(cfg, stages, stats, totals, metrics, grids)
+    storage.write_json(storage.join(report, "stats.json"), {"stages": stats, "totals": totals, "metrics": metrics,
+                                                            "price_per_gpu_hour": cfg.price_per_gpu_hour,
+                                                            "paper": PAPER})
+    if cfg.html:
+        storage.write_bytes(storage.join(report, "report.html"), _html(cfg.title, md).encode())
+    uri = storage.join(report, "report.md")
+    storage.write_bytes(uri, md.encode())  # last: the report's presence means its figures are there
+    return uri
+
+
+def _last_png(root: str, stage: str) -> str | None:
+    files = storage.list_files(storage.join(root, "train", stage, "samples"), ".png")
+    return files[-1] if files else None
+
+
+def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
+    price = cfg.price_per_gpu_hour
+    lines = [f"# {cfg.title}", "",
+             f"Cost at ${price:.2f} per GPU-hour: **${totals['cost_usd']:,.2f}** for {totals['gpu_hours']:,.2f} "
+             f"GPU-hours ({totals['hours']:,.2f} h of training, {totals['steps']:,} steps, "
+             f"{totals['samples']:,} samples, {_fmt(totals['samples_per_s'], ',.1f')} samples/s). Paper: ${PAPER['cost_usd']:,.0f} "
+             f"({PAPER['days']} days on {PAPER['gpus']}xH100, about {PAPER['samples_per_s']:,.0f} samples/s).", "",
+             "## Stages", "",
+             "| stage | res | mask | steps | samples | hours | GPUs | GPU-hours | cost ($) | samples/s | MFU "
+             "| input wait | first loss | final loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in stages:
+        s = stats[name]
+        lines.append(f"| {name} | {s['resolution'] or '-'} | {_fmt(s['mask_ratio'], '.2f')} | {s['steps']:,} | "
+                     f"{_fmt(s['samples'], ',')} | {s['hours']:.3f} | {s['gpus']} | {s['gpu_hours']:.3f} | "
+                     f"{s['cost_usd']:.2f} | {_fmt(s['samples_per_s'], ',.1f')} | {_fmt(s['mfu'], '.1%')} | "
+                     f"{_fmt(s['input_wait'], '.0%')} | {s['first_loss']:.4f} | {s['final_loss']:.4f} |")
+    lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", "", "## Metrics", "",
+              "| metric | this run | paper |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in _metrics_rows(metrics)]
+    if metrics and metrics.get("protocol"):
+        p = metrics["protocol"]
+        lines += ["", f"Protocol: {p.get('num_images')} COCO-2014 val captions, {p.get('resolution')} px, "
+                      f"{p.get('steps')} Heun steps, guidance {p.get('guidance')}, seed {p.get('seed')}, "
+                      f"EMA weights: {p.get('use_ema')}."]
+    if metrics and metrics.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in metrics["skipped"].items())]
+    if grids:
+        lines += ["", "## Samples", ""]
+        for title, fname in grids:
+            lines += [f"### {title}", "", f"![{title}]({fname})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _html(title: str, md: str) -> str:
+    """A standalone HTML rendering of the report (python-markdown when installed, else preformatted)."""
+    try:
+        import markdown
+
+        body = markdown.markdown(md, extensions=["tables"])
+    except ImportError:
+        body = f"<pre>{html.escape(md)}</pre>"
+    style = "body{font-family:sans-serif;max-width:960px;margin:auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.report.report ROOT [--price 3.75]`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="microdit report", description=__doc__.splitlines()[0])
+    p.add_argument("root")
+    p.add_argument("--price", type=float, default=ReportConfig.price_per_gpu_hour)
+    args = p.parse_args(argv)
+    print(build_report(args.root, ReportConfig(price_per_gpu_hour=args.price)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
