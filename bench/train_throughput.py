@@ -58,7 +58,7 @@ def cpu_bench(args) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.core import schema
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
     from pipeline.train.metrics import read_metrics
 
     sys.path.insert(0, str(REPO / "tests"))

@@ -40,30 +40,36 @@ def cmd_down(args) -> int:
     return 0
 
 
+def _plan(args, stack):
+    """The recipe + overrides validated here, before anything is submitted (relative storage: the stack's folder)."""
+    from pipeline.checks import load_run
+
+    return load_run(_recipe(args.recipe), args.set, storage_base=stack.workdir or None)
+
+
 def _follow(deployment: str, parameters: dict, args) -> int:
+    """Validate the plan, submit it as the flow's typed `plan` parameter, and follow the run to its end."""
     from flows import follow
 
+    _recipe(args.recipe)  # a missing recipe is named before anything else
     stack = local_stack.require(_state(args))
+    parameters = {"plan": _plan(args, stack).to_dict(), **parameters}
     state = local_stack._with_env(stack, lambda: follow.run_and_follow(deployment, parameters))
     print(f"flow run finished: {state}")
     return 0 if state == "COMPLETED" else 1
 
 
 def cmd_run(args) -> int:
-    params = {"recipe": _recipe(args.recipe), "overrides": args.set, "force": args.force}
-    return _follow("microdit/full-run", params, args)
+    return _follow("microdit/full-run", {"force": args.force}, args)
 
 
 def cmd_stage(args) -> int:
-    params = {"stage": args.name, "recipe": _recipe(args.recipe), "overrides": args.set,
-              "restart": not args.resume}
-    return _follow("microdit/stage", params, args)
+    return _follow("microdit/stage", {"stage": args.name, "restart": not args.resume}, args)
 
 
 def cmd_compare(args) -> int:
-    params = {"stage": args.stage, "recipe": _recipe(args.recipe), "overrides": args.set,
-              "budget_flops": args.budget_flops, "restart": not args.resume}
-    return _follow("microdit/compare", params, args)
+    return _follow("microdit/compare", {"stage": args.stage, "budget_flops": args.budget_flops,
+                                        "restart": not args.resume}, args)
 
 
 def cmd_status(args) -> int:
@@ -96,26 +102,53 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_import_weights(args) -> int:
+    from pipeline.core import storage
+    from pipeline.weights import import_weights
+
+    out = import_weights(args.file, args.out, args.family, args.variant)
+    source = storage.read_json(storage.join(out, "config.json"))["source"]
+    print(f"imported {source['file']} ({args.family} variant {source['variant']}, sha256 {source['sha256'][:12]}...) "
+          f"-> {out}")
+    print(f"draw with: microdit generate {out} OUT_DIR --prompt '...'")
+    return 0
+
+
+# The CPU demo recipe of each model family (`microdit demo --family emmdit`).
+DEMO_RECIPES = {"microdit": "recipes/tiny.yaml", "emmdit": "recipes/emmdit_tiny.yaml"}
+
+
+def demo_recipe(args) -> str:
+    """The demo's recipe: --family's tiny recipe, else --recipe (both at once only when they agree)."""
+    family = getattr(args, "family", None)
+    if not family:
+        return args.recipe
+    if args.recipe not in (DEMO_RECIPES["microdit"], DEMO_RECIPES[family]):
+        raise CLIError(f"give --family or --recipe, not both (--family {family} runs {DEMO_RECIPES[family]})")
+    return DEMO_RECIPES[family]
+
+
 def cmd_demo(args) -> int:
     """Start the stack if needed, run the tiny recipe end to end, print where everything is."""
     import time
 
     from pipeline.core import storage
-    from pipeline.core.run_config import load_recipe
+    from pipeline.core.layout import Layout
 
+    args.recipe = demo_recipe(args)
     start = time.monotonic()
     stack = local_stack.up(_state(args), num_cpus=args.num_cpus)
-    recipe = _recipe(args.recipe)
-    cfg = load_recipe(recipe, args.set, storage_base=stack.workdir or None)  # bad recipes fail before the run
-    params = {"recipe": recipe, "overrides": args.set, "force": args.force}
+    cfg = _plan(args, stack)  # bad recipes fail before the run
+    params = {"plan": cfg.to_dict(), "force": args.force}
     rc = local_stack._with_env(stack, lambda: _demo_follow(params))
     print(f"\n== microdit demo ({'done' if rc == 0 else 'FAILED'} in {(time.monotonic() - start) / 60:.1f} min) ==")
     print(f"run folder         {cfg.storage}")
-    for label, uri in (("sample grid", cfg.sample_grid_uri()), ("report", cfg.report_uri()),
-                       ("report (html)", cfg.uri("report", "report.html")),
-                       ("eval metrics", cfg.uri("eval", "metrics.json")), ("resolved config", cfg.config_uri())):
+    paths = Layout(cfg.storage)
+    for label, uri in (("sample grid", storage.join(paths.samples(), "grid.png")), ("report", paths.report),
+                       ("report (html)", paths.uri("report", "report.html")),
+                       ("eval metrics", paths.metrics), ("resolved config", paths.config)):
         print(f"{label:<18} {uri}{'' if storage.exists(uri) else '  (missing)'}")
-    metrics = cfg.uri("eval", "metrics.json")
+    metrics = paths.metrics
     if storage.exists(metrics):
         demo = storage.read_json(metrics).get("demo") or {}
         if "caption_match" in demo:
@@ -161,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     def recipe_args(q):
         q.add_argument("--recipe", default="recipes/tiny.yaml")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="recipe override, e.g. stages.stage1.steps=10 or download.processes_count=2")
+                       help="recipe override, e.g. stages.stage1.steps=10 or stages.stage1.optim.lr=1e-4")
 
     run = sub.add_parser("run", help="run microdit/full-run and follow it")
     recipe_args(run)
@@ -193,10 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.build_parser(gen)
     gen.set_defaults(fn=cmd_generate)
 
+    imp = sub.add_parser("import-weights", help="a released checkpoint (MicroDiT .pt, E-MMDiT .safetensors) as an "
+                                                 "export that generate and training stages use")
+    imp.add_argument("file", help="the downloaded release file")
+    imp.add_argument("out", help="export folder to write (local or s3://)")
+    from pipeline.weights import FORMATS
+
+    imp.add_argument("--family", required=True, choices=sorted(FORMATS))
+    imp.add_argument("--variant", default=None,
+                     help="microdit: 22M, 37M, 16ch, 0.5B; emmdit: 512px, 512px-dist (default: from the file name)")
+    imp.set_defaults(fn=cmd_import_weights)
+
     demo = sub.add_parser("demo", help="`up` if needed, then the tiny recipe end to end on CPU")
     recipe_args(demo)
     demo.add_argument("--force", action="append", default=[], metavar="STEP")
     demo.add_argument("--num-cpus", type=int, default=None)
+    demo.add_argument("--family", choices=sorted(DEMO_RECIPES), default=None,
+                      help="run that model family's tiny recipe (microdit: recipes/tiny.yaml, emmdit: "
+                           "recipes/emmdit_tiny.yaml)")
     demo.set_defaults(fn=cmd_demo)
     return p
 

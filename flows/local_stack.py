@@ -20,9 +20,15 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.core.ray_cluster import LOOPBACK_ENV
+
 BIN = Path(sys.executable).parent
 # Ray 2.60 local clusters use token auth; clients only send the token (~/.ray/auth_token) in token mode.
 RAY_AUTH = {"RAY_AUTH_MODE": "token"}
+# Every Ray process of the head and every client of it: token auth, and single-machine mode so that all Ray
+# listeners bind 127.0.0.1 (see pipeline.core.ray_cluster; without it `--node-ip-address=127.0.0.1` is
+# rewritten to the external IP and GCS/raylet listen on all interfaces).
+RAY_ENV = {**RAY_AUTH, **LOOPBACK_ENV}
 STATE_FILE = "stack.json"
 SERVICES = ("prefect", "ray", "serve")
 
@@ -94,7 +100,7 @@ class Stack:
         env = {"PREFECT_HOME": self.prefect_home, "PREFECT_API_URL": self.api_url,
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.prefect_home}/prefect.db",
-               "PREFECT_RUNNER_POLL_FREQUENCY": "2", **RAY_AUTH}
+               "PREFECT_RUNNER_POLL_FREQUENCY": "2", **RAY_ENV}
         if self.ray_address:
             env["RAY_ADDRESS"] = self.ray_address
         return env
@@ -186,7 +192,7 @@ def ray_healthy(address: str) -> bool:
     """`ray status` answers for this address (it carries the token when auth is on)."""
     if not address:
         return False
-    env = dict(os.environ, **RAY_AUTH)
+    env = dict(os.environ, **RAY_ENV)
     try:
         r = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], capture_output=True, timeout=90,
                            env=env)
@@ -204,7 +210,7 @@ def ensure_ray_token() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or ray_token_path().is_file():
         return
     r = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, text=True,
-                       env=dict(os.environ, **RAY_AUTH), timeout=120)
+                       env=dict(os.environ, **RAY_ENV), timeout=120)
     if r.returncode != 0 or not ray_token_path().is_file():
         raise StackError(f"could not create a Ray auth token at {ray_token_path()}: {r.stderr.strip()[-300:]}")
 
@@ -243,6 +249,25 @@ def deployments_ready(since: float, names=("microdit/full-run", "microdit/stage"
 
 # ------------------------------------------------------------------------------------------ up/down
 
+def ray_head_command(port: int, dashboard_port: int, client_port: int, temp_dir: str, num_cpus: int | None = None,
+                     extra: tuple[str, ...] = ()) -> list[str]:
+    """`ray start --head` with every listener on loopback (run it with `ray_head_env`).
+
+    Node IP, dashboard and the Ray Client server are 127.0.0.1 here; GCS, raylet, workers, the dashboard and
+    runtime-env agents and the metrics export ports follow the node IP once single-machine mode keeps it there.
+    """
+    return [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            *([f"--num-cpus={num_cpus}"] if num_cpus else []), *extra]
+
+
+def ray_head_env(port: int) -> dict[str, str]:
+    """Environment of the head's processes (workers inherit it): token auth, loopback only, and this cluster's
+    address, so Ray's own helpers never pick another local instance ("Found multiple active Ray instances")."""
+    return dict(RAY_ENV, RAY_ADDRESS=f"127.0.0.1:{port}")
+
+
 def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int = 6379,
        dashboard_port: int = 8265, num_cpus: int | None = None, log=print) -> Stack:
     """Start whatever of the stack is not running yet; returns the stack with its addresses."""
@@ -265,16 +290,12 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
         _wait(lambda: prefect_healthy(stack.api_url), 180, "prefect server", proc)
 
     if not (stack.alive("ray") and ray_healthy(stack.ray_address)):
-        port, dash = pick_port(ray_port), pick_port(dashboard_port)
+        port, dash, client = pick_port(ray_port), pick_port(dashboard_port), pick_port(10001)
         # Ray's unix socket paths must fit 107 bytes: keep the temp dir short and per state dir.
         stack.ray_temp_dir = f"/tmp/microdit-ray-{hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]}"
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={stack.ray_temp_dir}",
-               "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
-        # Workers inherit the head's environment: name this cluster so Ray's own helpers never pick another
-        # local instance ("Found multiple active Ray instances").
         ensure_ray_token()
-        proc = _spawn(cmd, logs / "ray.log", dict(RAY_AUTH, RAY_ADDRESS=f"127.0.0.1:{port}"))
+        proc = _spawn(ray_head_command(port, dash, client, stack.ray_temp_dir, num_cpus), logs / "ray.log",
+                      ray_head_env(port))
         stack.processes["ray"] = proc
         stack.ray_address, stack.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         stack.save()

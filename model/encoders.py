@@ -3,6 +3,7 @@
 Real weights load through the same code paths as the tiny test models: a diffusers `AutoencoderKL` folder and an
 open_clip config JSON + safetensors. Specs:
   VAE:  "stabilityai/stable-diffusion-xl-base-1.0" (subfolder vae), "madebyollin/sdxl-vae-fp16-fix",
+        "ostris/vae-kl-f8-d16" (16 channels, no subfolder: the 16-channel released MicroDiT's),
         a local folder written by `save_pretrained` / `save_tiny_vae`, or "standin" (parameter-free, f=4).
   Text: "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378" (any "hf-hub:" open_clip repo with a plain text tower),
         a local folder written by `save_tiny_text_encoder`, or "tiny" (width 64, fixed seed).
@@ -15,16 +16,21 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from model.encoder_checks import check_latents, check_pixels
 import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------- VAE
 
-# Hub id -> subfolder holding the VAE.
+# Hub id -> subfolder holding the VAE. Channels, downsampling and scaling are read from each VAE's config.
 VAE_HUB = {
     "stabilityai/stable-diffusion-xl-base-1.0": "vae",
     "madebyollin/sdxl-vae-fp16-fix": None,
+    "ostris/vae-kl-f8-d16": None,  # 16 latent channels
 }
-VAE_SPECS_HELP = f"one of {sorted(VAE_HUB)}, 'standin', or a local diffusers VAE folder (absolute or ./relative)"
+DCAE_HUB = ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers",)
+VAE_SPECS_HELP = (f"one of {sorted(VAE_HUB) + list(DCAE_HUB)}, 'standin', 'tiny-dcae', or a local diffusers VAE "
+                  "folder (absolute or ./relative)")
 
 
 class StandinVAE:
@@ -42,7 +48,7 @@ class StandinVAE:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, 4, H/4, W/4) float32; deterministic, `generator` is ignored."""
-        _check_pixels(pixels, self.downsample)
+        check_pixels(pixels, self.downsample)
         x = pixels.to(self.device, self.dtype)
         rgb = F.avg_pool2d(x, self.downsample)  # (N, 3, h, w)
         w = torch.tensor(self._luma, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -52,7 +58,7 @@ class StandinVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, 4, h, w) -> (N, 3, 4h, 4w) float32 in [-1, 1]."""
-        _check_latents(latents, self.latent_channels)
+        check_latents(latents, self.latent_channels)
         z = latents.to(self.device, self.dtype) / self.scaling_factor
         x = F.interpolate(z[:, :3], scale_factor=self.downsample, mode="bilinear", align_corners=False)
         return x.clamp(-1, 1).float()
@@ -74,7 +80,7 @@ class DiffusersVAE:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, C, H/f, W/f) float32: one posterior sample x scaling factor."""
-        _check_pixels(pixels, self.downsample)
+        check_pixels(pixels, self.downsample)
         posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         z = posterior.sample(generator=generator)  # (N, C, h, w)
         return ((z - self.shift_factor) * self.scaling_factor).float()
@@ -82,19 +88,9 @@ class DiffusersVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, 3, f*h, f*w) float32 in [-1, 1]."""
-        _check_latents(latents, self.latent_channels)
+        check_latents(latents, self.latent_channels)
         z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
         return self.vae.decode(z).sample.clamp(-1, 1).float()
-
-
-def _check_pixels(pixels: torch.Tensor, f: int) -> None:
-    if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] % f or pixels.shape[3] % f:
-        raise ValueError(f"expected pixels (N, 3, H, W) with H, W multiples of {f}, got {tuple(pixels.shape)}")
-
-
-def _check_latents(latents: torch.Tensor, c: int) -> None:
-    if latents.ndim != 4 or latents.shape[1] != c:
-        raise ValueError(f"expected latents (N, {c}, h, w), got {tuple(latents.shape)}")
 
 
 def _is_local(spec: str) -> bool:
@@ -106,6 +102,11 @@ def load_vae(spec: str, device="cpu", dtype: torch.dtype = torch.float32):
     """A VAE by spec (see module docstring); bf16 on GPU, fp32 on CPU. The SDXL VAE overflows in fp16: refused."""
     if spec == "standin":
         return StandinVAE(device, dtype)
+    from model import encoders_dcae
+
+    if spec == encoders_dcae.TINY or spec in DCAE_HUB or (
+            isinstance(spec, (str, os.PathLike)) and _is_local(str(spec)) and encoders_dcae.is_dcae_folder(spec)):
+        return encoders_dcae.load_dcae(str(spec), device, dtype)
     if spec in VAE_HUB:
         if dtype == torch.float16 and spec != "madebyollin/sdxl-vae-fp16-fix":
             raise ValueError(f"VAE {spec!r} overflows in float16; use bfloat16/float32 or "
@@ -156,8 +157,9 @@ def save_tiny_vae(folder, scaling_factor: float = 0.5, seed: int = 0, force_upca
 # ------------------------------------------------------------------------------------ text encoder
 
 DFN5B = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
-TEXT_SPECS_HELP = (f"{DFN5B!r} (or another 'hf-hub:' open_clip repo), 'tiny', "
-                   "or a local folder from save_tiny_text_encoder")
+LLAMA_HUB = ("meta-llama/Llama-3.2-1B",)
+TEXT_SPECS_HELP = (f"{DFN5B!r} (or another 'hf-hub:' open_clip repo), 'tiny', a local folder from "
+                   f"save_tiny_text_encoder, {LLAMA_HUB[0]!r}, 'tiny-llama', or a local Llama folder")
 CONFIG_NAME = "open_clip_config.json"  # open_clip's names, so hub repos and local folders read alike
 WEIGHTS_NAME = "open_clip_model.safetensors"
 TINY_SEED = 20240715
@@ -243,8 +245,29 @@ def _load_tower(model_cfg: dict, weights_path: str, dtype) -> torch.nn.Module:
     return tower
 
 
-def load_text_encoder(spec: str, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
-    """A caption encoder by spec (see module docstring)."""
+def load_text_encoder(spec: str, device="cpu", dtype: torch.dtype = torch.float32, tokens: int | None = None):
+    """A caption encoder by spec (see module docstring). `tokens`: the padded length (Llama: any, default its
+    spec's; open_clip towers: their fixed context length, or None)."""
+    from model import encoders_llama
+
+    if spec == encoders_llama.TINY or spec in LLAMA_HUB or (
+            isinstance(spec, (str, os.PathLike)) and _is_local(str(spec)) and encoders_llama.is_llama_folder(spec)):
+        return encoders_llama.load_llama(str(spec), device, dtype, tokens)
+    enc = _load_open_clip(spec, device, dtype)
+    if tokens is not None and tokens != enc.context_length:
+        raise ValueError(f"text encoder {spec!r} has a fixed context length {enc.context_length}, not {tokens}")
+    return enc
+
+
+def unconditional_caption(encoder) -> torch.Tensor:
+    """(L, D) float32 unconditional caption for classifier-free guidance: the encoder's empty-prompt embedding
+    when it defines one (Llama), else zeros (open_clip towers, as MicroDiT trains)."""
+    if hasattr(encoder, "unconditional"):
+        return encoder.unconditional().cpu()
+    return torch.zeros(encoder.context_length, encoder.width)
+
+
+def _load_open_clip(spec: str, device, dtype) -> TextEncoder:
     if spec == "tiny":
         return TextEncoder(_tiny_tower(), device, dtype)
     if isinstance(spec, str) and spec.startswith("hf-hub:") and len(spec) > len("hf-hub:"):

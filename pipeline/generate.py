@@ -2,8 +2,10 @@
 
 Weights come from `{root}/train/{stage}/export/` (model.safetensors or ema.safetensors beside config.json).
 Each image i of a prompt list gets its own noise seed `seed + i`, so images do not depend on the batch size.
-Sampling is the EDM Heun sampler with classifier-free guidance, cond and uncond in one batched forward; the
-network runs in bf16 on GPU and fp32 on CPU, the ODE state in float64.
+The export's config.json names the family, the objective (with its constants, e.g. EDM's sigma_data), the
+encoders and the sampler defaults; sampling uses exactly those (for MicroDiT: EDM Heun with classifier-free
+guidance, cond and uncond in one batched forward, the ODE state in float64). The network runs in bf16 on GPU
+and fp32 on CPU.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import io
 import json
 import math
 import textwrap
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from pipeline.core import storage
-from pipeline.core.configs import from_dict, to_dict
+from pipeline.core.plan import GenerateConfig
 
 WEIGHTS = {False: "model.safetensors", True: "ema.safetensors"}
 CONFIG_NAME = "config.json"
@@ -31,34 +32,6 @@ MANIFEST = "generate.json"  # written last: its presence (with matching inputs) 
 # Prefixes that wrappers add to state_dict keys (torch.compile, DDP); the tensors themselves are the same.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class GenerateConfig:
-    """How to sample: sampler steps, guidance, base seed, batch size, output resolution, weights and precision."""
-
-    steps: int = 30
-    guidance: float = 5.0
-    seed: int = 0
-    batch_size: int = 16
-    resolution: int | None = None  # pixels; None: the model's input_size x the VAE's downsample
-    use_ema: bool = True
-    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU; or one of DTYPES
-    device: str = "auto"  # "auto": cuda if available, else cpu
-    grid: bool = True  # also write grid.png
-    grid_captions: bool = True  # caption text under each grid cell
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: expected >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: expected >= 1")
-        if self.guidance < 0:
-            raise ValueError(f"guidance={self.guidance}: expected >= 0 (1.0 = no guidance)")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: expected 'auto' or one of {sorted(DTYPES)}")
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"resolution={self.resolution}: expected a positive pixel size or None")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -75,6 +48,21 @@ def read_prompts(prompts: str | Sequence[str]) -> list[str]:
     if not out:
         raise ValueError("no prompts given; expected a non-empty list of prompts or a prompt file")
     return out
+
+
+# Exports written before the family interface recorded neither family nor objective: they are MicroDiT + EDM.
+LEGACY_EXPORT = {"family": "microdit", "objective": {"kind": "edm", "sigma_data": 0.9}}
+
+
+def read_export(config_uri: str) -> dict:
+    """An export's config.json: family, model, objective, encoders, sampler (ValueError if it is not one)."""
+    export = storage.read_json(config_uri)
+    if not isinstance(export, dict) or "model" not in export:
+        raise ValueError(f"{config_uri!r} has no 'model' section; expected an export config "
+                         "{'family', 'model', 'objective', 'encoders', 'sampler', ...}")
+    if "family" not in export:
+        export = {**LEGACY_EXPORT, **export}
+    return export
 
 
 def resolve_weights(weights_uri: str, use_ema: bool) -> tuple[str, str]:
@@ -106,8 +94,13 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load; missing, unexpected or mis-shaped keys -> ValueError naming them and `source`."""
+    """Strict load; missing, unexpected or mis-shaped keys -> ValueError naming them and `source`.
+
+    Persistent buffers missing from `state` keep the built model's values: they are deterministic tables
+    (E-MMDiT's sin-cos positions) that an EMA export does not hold."""
     expected = model.state_dict()
+    params = {n for n, _ in model.named_parameters()}
+    state = {**{k: v for k, v in expected.items() if k not in params and k not in state}, **state}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     shapes = sorted(f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
@@ -146,17 +139,20 @@ class Generator:
 
     def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
                  text_spec: str | None = None):
-        from model.microdit.config import ModelConfig
+        from model import family as families
+        from model import objectives
         from model.encoders import load_text_encoder, load_vae
-        from model.microdit.network import MicroDiT
         from safetensors.torch import load as load_safetensors
 
         self.cfg = cfg
         self.weights_uri, config_uri = resolve_weights(weights_uri, cfg.use_ema)
-        export = storage.read_json(config_uri)
-        if not isinstance(export, dict) or "model" not in export:
-            raise ValueError(f"{config_uri!r} has no 'model' section; expected the export config "
-                             "{'model': ModelConfig dict, 'stage': ..., 'encoders': {'vae', 'text'}}")
+        export = read_export(config_uri)
+        self.family = families.get(export["family"])
+        self.objective_spec = export["objective"]
+        self.objective = objectives.build(export["objective"])
+        sampler = export.get("sampler") or dataclasses.asdict(self.family.sampler)
+        self.steps = cfg.steps if cfg.steps is not None else sampler["steps"]
+        self.guidance = cfg.guidance if cfg.guidance is not None else sampler["guidance"]
         encoders = export.get("encoders") or {}
         self.vae_spec = vae_spec or encoders.get("vae")
         self.text_spec = text_spec or encoders.get("text")
@@ -164,12 +160,16 @@ class Generator:
             if not spec:
                 raise ValueError(f"{name} not given and {config_uri!r} records no encoders; pass it explicitly")
         self.device, self.dtype = _device_dtype(cfg)
+        try:
+            model_cfg = self.family.config_from_dict(export["model"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_uri}: model: {e}") from None
         # Encoders in bf16 on GPU (the SDXL VAE overflows in fp16), fp32 on CPU.
         enc_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
         self.vae = load_vae(self.vae_spec, device=self.device, dtype=enc_dtype)
-        self.text = load_text_encoder(self.text_spec, device=self.device, dtype=enc_dtype)
-
-        model_cfg = from_dict(ModelConfig, export["model"], where=f"{config_uri}:model")
+        self.text = load_text_encoder(self.text_spec, device=self.device, dtype=enc_dtype,
+                                      tokens=model_cfg.caption_len)
+        self.unconditional_source = self._bind_unconditional(export, config_uri)
         if model_cfg.caption_dim != self.text.width:
             raise ValueError(f"text encoder {self.text_spec!r} has width {self.text.width} but the model expects "
                              f"caption_dim={model_cfg.caption_dim}")
@@ -184,8 +184,10 @@ class Generator:
         latent = self.resolution // f
         if latent != model_cfg.input_size:
             # Positions are a rebuilt buffer: other sizes load strictly; interpolation scales with the grid.
-            model_cfg = dataclasses.replace(model_cfg, input_size=latent,
-                                            pos_interp_scale=model_cfg.pos_interp_scale * latent / model_cfg.input_size)
+            scale = {f.name for f in dataclasses.fields(model_cfg)} & {"pos_interp_scale"}
+            model_cfg = dataclasses.replace(  # families without the field derive their scale from input_size
+                model_cfg, input_size=latent,
+                **{k: model_cfg.pos_interp_scale * latent / model_cfg.input_size for k in scale})
         self.model_cfg = model_cfg
 
         raw = storage.read_bytes(self.weights_uri)
@@ -194,11 +196,34 @@ class Generator:
             state = load_safetensors(raw)
         except Exception as e:  # safetensors raises its own error type for a damaged or foreign file
             raise ValueError(f"weights {self.weights_uri!r} are not a readable safetensors file: {e}") from e
-        model = MicroDiT(model_cfg)
+        model = self.family.build(model_cfg)
         load_state(model, _strip_wrappers(state), self.weights_uri)
         # fp32 weights; bf16 compute via autocast as in training (LayerNorm and softmax stay fp32).
         self.model = model.to(device=self.device).eval().requires_grad_(False)
         self.step = export.get("step")
+
+    def _bind_unconditional(self, export: dict, config_uri: str) -> str:
+        """Give the objective its unconditional caption: the export's stored one (the empty prompt's embedding
+        the network trained with), else the text encoder's own (zeros for open_clip towers). -> where it came from."""
+        from model.encoders import unconditional_caption
+        from safetensors.numpy import load
+
+        name = export.get("unconditional")
+        if name:
+            uri = storage.join(config_uri.rsplit("/", 1)[0] if "/" in config_uri else ".", name)
+            if not storage.exists(uri):
+                raise FileNotFoundError(f"{config_uri!r} names the unconditional caption {name!r}, but {uri!r} "
+                                        "does not exist")
+            uncond = torch.from_numpy(load(storage.read_bytes(uri))["unconditional"])
+            if tuple(uncond.shape) != (self.text.context_length, self.text.width):
+                raise ValueError(f"{uri!r} holds a {tuple(uncond.shape)} unconditional caption; the text encoder "
+                                 f"{self.text_spec!r} gives ({self.text.context_length}, {self.text.width})")
+            self.objective = self.objective.bind(unconditional=uncond)
+            return uri
+        if self.objective.kind != "edm":
+            self.objective = self.objective.bind(unconditional=unconditional_caption(self.text))
+            return "text encoder"
+        return "zeros"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -211,7 +236,7 @@ class Generator:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], start: int = 0, seeds: Sequence[int] | None = None) -> np.ndarray:
         """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i, or seeds[i] (one batch)."""
-        from model.samplers.heun import HeunSampler, make_noise
+        from model.samplers.heun import make_noise
 
         seeds = list(seeds) if seeds is not None else self.seeds(start, len(prompts))
         if len(seeds) != len(prompts):
@@ -220,11 +245,11 @@ class Generator:
         noise = torch.cat([make_noise((1, *self.latent_shape), s) for s in seeds])  # (N, C, h, w)
         caption = self.text.encode(list(prompts)).to(self.device, torch.float32)  # (N, 77, width)
         # guidance 1 is the conditional model itself: skip the unconditional branch.
-        guidance = None if self.cfg.guidance == 1.0 else self.cfg.guidance
-        sampler = HeunSampler(steps=self.cfg.steps)
-        # The float64 ODE state is not autocast; only the network's matmuls run in self.dtype.
+        guidance = None if self.guidance == 1.0 else self.guidance
+        # The ODE state is not autocast; only the network's matmuls run in self.dtype.
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            latents = sampler.sample(self.model, noise.to(self.device), caption, guidance=guidance)  # (N, C, h, w)
+            latents = self.objective.sample(self.model, noise.to(self.device), caption, steps=self.steps,
+                                            guidance=guidance)  # (N, C, h, w)
         return to_uint8(self.vae.decode(latents))
 
     def batches(self, prompts: Sequence[str], start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
@@ -238,10 +263,12 @@ class Generator:
                                   **self.provenance()})
 
     def provenance(self) -> dict[str, str]:
-        return {"steps": str(self.cfg.steps), "guidance": str(self.cfg.guidance), "weights": self.weights_uri,
+        return {"steps": str(self.steps), "guidance": str(self.guidance), "weights": self.weights_uri,
                 "weights_sha256": self.weights_sha256, "use_ema": str(self.cfg.use_ema),
                 "resolution": str(self.resolution), "dtype": str(self.dtype).replace("torch.", ""),
-                "vae": self.vae_spec, "text_encoder": self.text_spec, "sampler": "edm-heun"}
+                "vae": self.vae_spec, "text_encoder": self.text_spec, "family": self.family.name,
+                "unconditional": self.unconditional_source,
+                "objective": json.dumps(self.objective_spec, sort_keys=True)}
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -284,7 +311,7 @@ def image_name(index: int, seed: int) -> str:
 
 
 def _request(weights_uri: str, prompts: list[str], cfg: GenerateConfig, vae_spec, text_spec) -> dict:
-    return {"weights": str(weights_uri), "prompts": prompts, "config": to_dict(cfg),
+    return {"weights": str(weights_uri), "prompts": prompts, "config": cfg.model_dump(mode="json"),
             "vae": vae_spec, "text": text_spec}
 
 
@@ -331,8 +358,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("out", help="output folder or s3:// URI")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = none (default: the export's)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--resolution", type=int, default=None)

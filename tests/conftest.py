@@ -87,28 +87,52 @@ def _fake_aws_credentials():
     yield
 
 
-@pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """A fresh local Ray head (dashboard on) owned by this test session; yields its GCS address."""
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port, dash = free_port(), free_port()
-    state = tmp_path_factory.mktemp("ray")
-    log = open(state / "head.log", "w")
-    # Ray 2.60 decides token auth from ~/.ray/auth_token, a file shared with every other Ray user on the
-    # machine. This session's cluster gets its own token, explicitly, for the head and every client.
-    token = state / "auth_token"
+@pytest.fixture(scope="session", autouse=True)
+def _checkpoint_key():
+    # A session key for checkpoint signing (pipeline.core.signing), so tests never create the user's
+    # ~/.config/microdit/checkpoint.key; set before Ray starts so its workers inherit it too.
+    env = pytest.MonkeyPatch()
+    env.setenv("MICRODIT_CHECKPOINT_KEY", uuid.uuid4().hex + uuid.uuid4().hex)
+    yield
+    env.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_client_env(tmp_path_factory):
+    """Token auth with this session's own token, and loopback-only (single-machine) mode, for every Ray head
+    and client of the session. Set at session start: Ray reads both once per process, when it is imported.
+
+    Ray 2.60 decides token auth from ~/.ray/auth_token, a file shared with every other Ray user on the
+    machine; this session gets its own token, explicitly.
+    """
+    from flows.local_stack import RAY_ENV
+
+    token = tmp_path_factory.mktemp("ray_token") / "auth_token"
     token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
     token.chmod(0o600)
     env = pytest.MonkeyPatch()
     env.delenv("RAY_AUTH_TOKEN", raising=False)
-    env.setenv("RAY_AUTH_MODE", "token")
     env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    for key, value in RAY_ENV.items():
+        env.setenv(key, value)
+    yield token
+    env.undo()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A fresh local Ray head started the way `microdit up` starts it (every listener on loopback), owned by
+    this test session; yields (GCS address, pid of `ray start`, whose descendants are the head's processes)."""
+    from flows.local_stack import ray_head_command, ray_head_env
+
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port, dash, client = free_port(), free_port(), free_port()
+    state = tmp_path_factory.mktemp("ray")
+    log = open(state / "head.log", "w")
+    env = pytest.MonkeyPatch()
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp_dir}", "--num-cpus=4", "--object-store-memory=800000000",
-         "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ray_head_command(port, dash, client, temp_dir, 4, ("--object-store-memory=800000000",)),
+        env=dict(os.environ, **ray_head_env(port)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
 
@@ -121,7 +145,7 @@ def ray_address(tmp_path_factory):
     try:
         _wait_until(up, 120, "ray head")
         env.setenv("RAY_ADDRESS", address)
-        yield address
+        yield address, proc.pid
     finally:
         env.undo()
         try:
@@ -134,6 +158,12 @@ def ray_address(tmp_path_factory):
         _stop_group(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head):
+    """The GCS address of this session's local Ray head (see `ray_head`)."""
+    return ray_head[0]
 
 
 @pytest.fixture(scope="session")

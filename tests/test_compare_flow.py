@@ -15,30 +15,31 @@ def test_compare_flow_trains_both_arms_at_equal_compute(prefect_server, ray_addr
     from flows import tasks
     from flows.caching import code_version
     from flows.compare import compare_run
-    from model.microdit.config import flops_per_sample
+    from model.microdit.config import flops_per_sample, model_config
+    from pipeline.checks import load_run
+    from pipeline.core.layout import Layout
     from pipeline.report.compare import equal_compute_plan
-    from pipeline.core.run_config import load_recipe
 
     root = tmp_path / "run"
     overrides = [f"storage={root}", *SHRINK]
-    cfg = load_recipe(RECIPE, overrides)
+    cfg = load_run(RECIPE, overrides)
     with pytest.raises(FileNotFoundError, match="full-run first"):  # no latents yet: a plain error
         compare_run(recipe=RECIPE, overrides=overrides)
 
     src = cfg.sources[0]  # the run's latents, made by the step functions full-run wraps
-    shards = tasks.download_task.fn(source=tasks.plain(src), download=tasks.plain(cfg.download),
-                                    url_list_uri=cfg.url_list_uri(src.name), shards_uri=cfg.shards_uri(src.name),
+    shards = tasks.download_task.fn(source=src, download=cfg.download, root=cfg.storage,
                                     code=code_version("download"))
-    tasks.precompute_task.fn(source=src.name, shards_uri=shards, latents_uri=cfg.latents_uri(src.name),
-                             precompute={**tasks.plain(cfg.precompute), "source": src.name},
-                             code=code_version("precompute"), ray_address=ray_address)
+    tasks.precompute_task.fn(source=src.name, shards_uri=shards, latents_uri=Layout(cfg.storage).latents(src.name),
+                             precompute=cfg.precompute, encoders=cfg.encoders, code=code_version("precompute"),
+                             ray_address=ray_address)
 
     stage = cfg.stage("stage1")
     # Two unmasked steps' worth of FLOPs (stand-in VAE: downsample 4).
-    model = cfg.model_config()
-    budget = 2 * stage.global_batch * flops_per_sample(
-        dataclasses.replace(model, input_size=stage.resolution // 4), 0.0)
-    plan = {a.stage.mask_ratio: a.stage.steps for a in equal_compute_plan(model, stage, budget, downsample=4)}
+    model = model_config(cfg.model.preset)
+    batch = stage.batch.global_batch
+    budget = 2 * batch * flops_per_sample(dataclasses.replace(model, input_size=stage.data.resolution // 4), 0.0)
+    plan = {a.stage.objective.mask_ratio: a.stage.steps
+            for a in equal_compute_plan(model, stage, budget, downsample=4)}
     assert plan[0.0] == 2 and plan[0.75] > plan[0.0]
 
     out = compare_run(recipe=RECIPE, overrides=overrides, stage="stage1", budget_flops=budget)
@@ -50,7 +51,7 @@ def test_compare_flow_trains_both_arms_at_equal_compute(prefect_server, ray_addr
         export = arm / "train" / name / "export"
         assert (export / "model.safetensors").is_file()
         config = json.loads((export / "config.json").read_text())
-        assert config["step"] == plan[ratio] and config["stage"]["mask_ratio"] == ratio
+        assert config["step"] == plan[ratio] and config["stage"]["objective"]["mask_ratio"] == ratio
         assert config["stage"]["init"]["kind"] == "scratch"
         assert (arm / "samples" / "grid.png").is_file()
         assert "demo" in json.loads((arm / "eval" / "metrics.json").read_text())

@@ -14,6 +14,7 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -126,7 +127,8 @@ def test_url_list_formats_columns_and_dedupe(tmp_path):
         assert t["url"].to_pylist() == ["http://h/a.jpg", "http://h/b.jpg", "http://h/c.jpg"]
         assert t["caption"].to_pylist() == ["a", "", "c"] and t["source_id"].to_pylist() == [1, 2, 5]
         assert t["row_id"].to_pylist() == [0, 1, 2]
-        assert counts == {"rows_in_list": 5, "missing_url": 1, "duplicate_urls": 1, "unique_urls": 3}
+        assert counts == {"rows_in_list": 5, "missing_url": 1, "duplicate_urls": 1, "unique_urls": 3,
+                          "url_not_utf8_skipped": 0, "caption_not_utf8_replaced": 0, "extra_not_utf8_replaced": 0}
 
     with pytest.raises(ValueError, match=r"list.csv.*lacks column\(s\) \['url', 'caption'\].*image_url"):
         read_url_list(str(csv))
@@ -269,3 +271,273 @@ def test_download_to_s3_with_local_staging(tmp_path, synthetic, s3_endpoint, s3_
     assert again["images_written"] == report["images_written"] and again["attempts"] == 30
     assert all(storage.read_bytes(u) == b for u, b in before.items())
     assert sorted(s["file"] for s in shard_samples(out)) == sorted(exp["kept"])
+
+
+# ------------------------------------------------------------------ reliability: modes, bombs, deadlines, UTF-8
+
+W, H = 70, 66  # inside [MIN, MAX]: stored without resizing, so stored pixels compare 1:1 with the source
+
+
+def smooth_rgb(w: int = W, h: int = H) -> np.ndarray:
+    """(H, W, 3) uint8 gradients: smooth, so JPEG's error stays small and any mishandled mode stands out."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    rgb = np.stack([40 + 180 * x / (w - 1), 30 + 190 * y / (h - 1), 200 - 120 * (x + y) / (w + h - 2)], -1)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    return np.rint(rgb * a + 255.0 * (1 - a)).astype(np.uint8)
+
+
+def encode_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def mode_cases() -> dict[str, tuple[bytes, np.ndarray]]:
+    """file name -> (encoded bytes, the upright RGB pixels a faithful decode gives), one per accepted mode."""
+    import cv2
+
+    rgb = smooth_rgb()
+    gray = rgb[..., 1]
+    alpha = np.linspace(0, 255, W).astype(np.uint8)[None, :].repeat(H, 0)  # transparent left, opaque right
+    ramp16 = (np.arange(W * H).reshape(H, W) * 65535 // (W * H - 1)).astype(np.uint16)
+    gray16 = np.rint(ramp16 / 257.0).astype(np.uint8)
+    bits = (np.indices((H, W)).sum(0) // 8 % 2).astype(bool)
+    pal = Image.fromarray(rgb).quantize(colors=64)
+    pal_t = pal.copy()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; displayed upright = rgb
+    rgba = np.dstack([rgb, alpha])
+    c = {
+        "rgb.png": (encode_bytes(Image.fromarray(rgb), "PNG"), rgb),
+        "rgb.jpg": (encode_bytes(Image.fromarray(rgb), "JPEG", quality=95), rgb),  # YCbCr JPEG
+        "progressive.jpg": (encode_bytes(Image.fromarray(rgb), "JPEG", quality=95, progressive=True), rgb),
+        "exif_rotated.jpg": (encode_bytes(Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90), "JPEG",
+                                          quality=95, exif=exif.tobytes()), rgb),
+        "cmyk.jpg": (encode_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95), rgb),
+        "rgba.png": (encode_bytes(Image.fromarray(rgba, "RGBA"), "PNG"), on_white(rgb, alpha)),
+        "l.png": (encode_bytes(Image.fromarray(gray, "L"), "PNG"), np.dstack([gray] * 3)),
+        "la.png": (encode_bytes(Image.fromarray(np.dstack([gray, alpha]), "LA"), "PNG"),
+                   on_white(np.dstack([gray] * 3), alpha)),
+        "p.png": (encode_bytes(pal, "PNG"), np.asarray(pal.convert("RGB"))),
+        "p_transparent.png": (encode_bytes(pal_t, "PNG", transparency=pal_t.getpixel((0, 0))),
+                              np.where((np.asarray(pal_t) == pal_t.getpixel((0, 0)))[..., None], 255,
+                                       np.asarray(pal_t.convert("RGB"))).astype(np.uint8)),
+        "one_bit.png": (encode_bytes(Image.fromarray(bits), "PNG"), np.dstack([bits * np.uint8(255)] * 3)),
+        "i16.png": (encode_bytes(Image.fromarray(ramp16), "PNG"), np.dstack([gray16] * 3)),
+        "i32.tif": (encode_bytes(Image.fromarray(ramp16.astype(np.int32), "I"), "TIFF"), np.dstack([gray16] * 3)),
+        "f32.tif": (encode_bytes(Image.fromarray(gray.astype(np.float32) / 255.0, "F"), "TIFF"),
+                    np.dstack([gray] * 3)),
+        "rgb16.png": (cv2.imencode(".png", (rgb[..., ::-1].astype(np.uint16) * 257))[1].tobytes(), rgb),
+        "rgba16.png": (cv2.imencode(".png", np.dstack([rgb[..., ::-1], alpha]).astype(np.uint16) * 257)[1]
+                       .tobytes(), on_white(rgb, alpha)),
+        "rgba.webp": (encode_bytes(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True), on_white(rgb, alpha)),
+        "rgb.webp": (encode_bytes(Image.fromarray(rgb), "WEBP", quality=95), rgb),
+        "rgb.gif": (encode_bytes(pal, "GIF"), np.asarray(pal.convert("RGB"))),
+        "rgb.bmp": (encode_bytes(Image.fromarray(rgb), "BMP"), rgb),
+    }
+    assert Image.open(io.BytesIO(c["i16.png"][0])).mode == "I;16"
+    assert Image.open(io.BytesIO(c["cmyk.jpg"][0])).mode == "CMYK"
+    return c
+
+
+def assert_pixels_match(stored: bytes, want: np.ndarray, name: str) -> None:
+    got = np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")).astype(int)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    err = np.abs(got - want.astype(int))
+    # JPEG q95 on smooth pixels (+ a lossy source for the JPEG/WEBP cases): small on average, bounded everywhere.
+    assert err.mean() < 3.0 and np.percentile(err, 99) <= 16, (name, err.mean(), np.percentile(err, 99))
+
+
+def write_csv_list(path: Path, rows: list[tuple[bytes, bytes]]) -> None:
+    """A CSV URL list written as raw bytes, so a URL or caption can hold bytes that are not UTF-8."""
+    path.write_bytes(b"url,caption\n" + b"".join(u + b"," + c + b"\n" for u, c in rows))
+
+
+def valid_png(w: int, h: int) -> bytes:
+    """A real (decodable) grayscale PNG of w x h that is tiny on disk: a valid decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    co = zlib.compressobj(1)
+    idat = b"".join(co.compress(b"\0" * (w + 1)) for _ in range(h)) + co.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class TrickleServer:
+    """Loopback server that answers every GET with a valid image, one byte every `interval` seconds, for at most
+    `give_up` seconds; with `headers=True` it already trickles the response headers."""
+
+    def __init__(self, body: bytes, interval: float = 0.2, give_up: float = 6.0, headers: bool = False):
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+                        .encode())
+                stream, start = (head + body) if headers else body, time.monotonic()
+                if not headers:
+                    self.wfile.write(head)
+                    self.wfile.flush()
+                try:
+                    for i in range(len(stream)):
+                        if time.monotonic() - start > give_up:
+                            return
+                        self.wfile.write(stream[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(interval)
+                except OSError:  # the client hung up: what a deadline does
+                    outer.hung_up += 1
+
+            def log_message(self, *a):
+                pass
+
+        self.hung_up = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_url_list_text_that_is_not_utf8_is_counted_not_fatal(tmp_path):
+    from pipeline.data.sources import cc12m
+
+    csv = tmp_path / "list.csv"
+    write_csv_list(csv, [(b"http://h/a.jpg", b"fine"), (b"http://h/b.jpg", b"caf\xe9 cr\xe8me"),
+                         (b"http://h/\xff.jpg", b"a URL that is not UTF-8")])
+    binary = tmp_path / "binary.parquet"  # what a writer that kept raw bytes produces
+    pq.write_table(pa.table({"url": ["http://h/a.jpg", "http://h/b.jpg"],
+                             "caption": pa.array([b"fine", b"caf\xe9 cr\xe8me"], pa.binary()),
+                             "note": pa.array([b"x\xff", b"y"], pa.binary())}), binary)
+    invalid = tmp_path / "invalid.parquet"  # a string column holding invalid bytes (written unvalidated)
+    pq.write_table(pa.table({"url": ["http://h/a.jpg", "http://h/b.jpg"],
+                             "caption": pa.array([b"fine", b"caf\xe9 cr\xe8me"], pa.binary()).view(pa.string())}),
+                   invalid)
+    for path, extra in ((csv, 0), (binary, 1), (invalid, 0)):
+        t, counts = normalize_url_list(read_url_list(str(path)), DownloadConfig())
+        assert t["url"].to_pylist() == ["http://h/a.jpg", "http://h/b.jpg"], path
+        assert t["caption"].to_pylist() == ["fine", "caf\ufffd cr\ufffdme"], path  # kept, bad bytes replaced
+        assert counts["caption_not_utf8_replaced"] == 1 and counts["extra_not_utf8_replaced"] == extra, path
+        assert counts["url_not_utf8_skipped"] == (1 if path == csv else 0) and counts["missing_url"] == 0, path
+        assert counts["not_utf8_rows"] == ([1, 2] if path == csv else [0, 1] if extra else [1]), path
+        pq.write_table(t, tmp_path / "normalized.parquet")  # what img2dataset reads: valid UTF-8 now
+        pq.read_table(tmp_path / "normalized.parquet").validate(full=True)
+    # The CC12M tsv reader: same rule (a line of Latin-1 no longer fails the whole file).
+    tsv = tmp_path / "cc12m.tsv"
+    tsv.write_bytes(b"http://h/a.jpg\tfine\nhttp://h/b.jpg\tcaf\xe9\nhttp://h/\xff.jpg\tbad url\n")
+    report = cc12m.run(cc12m.CC12MConfig(str(tsv)), str(tmp_path / "cc12m.parquet"))
+    assert report["rows"] == 2 and report["caption_not_utf8_replaced"] == 1 and report["url_not_utf8_skipped"] == 1
+    assert pq.read_table(tmp_path / "cc12m.parquet")["caption"].to_pylist() == ["fine", "caf\ufffd"]
+
+
+def test_fetch_has_a_total_deadline_for_trickling_servers():
+    from pipeline.data.img2dataset_hooks import TRANSFER_TIMEOUT, fetch
+
+    body = encode_bytes(Image.new("RGB", (8, 8), (200, 10, 10)), "PNG")
+    for headers in (False, True):  # a trickled body, and trickled headers
+        server = TrickleServer(body, interval=0.2, give_up=6.0, headers=headers)
+        try:
+            start = time.monotonic()
+            key, stream, err = fetch((7, f"{server.url}/x.png"), timeout=5, total_timeout=1.0,
+                                     user_agent_token=None, disallowed_header_directives=None)
+            took = time.monotonic() - start
+        finally:
+            server.close()
+        assert key == 7 and stream is None and err == TRANSFER_TIMEOUT, (headers, err)
+        assert 0.9 <= took < 2.0, (headers, took)  # each read is < 5 s apart: only the total deadline fires
+    assert failure_reason(TRANSFER_TIMEOUT) == "transfer_timeout" and not is_retryable("transfer_timeout")
+    with pytest.raises(ValueError, match="total_timeout"):
+        DownloadConfig(total_timeout=0)
+
+
+def test_decoder_bounds_pixels_before_decoding_a_valid_bomb():
+    import resource
+
+    from pipeline.data.img2dataset_hooks import PolicyResizer
+    from pipeline.data.sources.shards import IngestConfig
+
+    bomb = valid_png(4000, 4000)  # 16 M pixels, a few KB on disk, decodable
+    resize = PolicyResizer(IngestConfig(min_side=MIN, max_side=MAX, max_pixels=1_000_000))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    out = resize(io.BytesIO(bomb))
+    assert out[0] is None and out[-1] == "too_large" and failure_reason(out[-1]) == "too_large"
+    assert time.monotonic() - start < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 8 * 1024  # KiB: nothing decoded
+    ok = resize(io.BytesIO(valid_png(900, 800)))  # under the limit: decoded and shrunk to the policy
+    assert ok[-1] is None and (ok[1], ok[2], ok[3], ok[4]) == (81, MAX, 900, 800)
+
+
+def test_resizer_keeps_every_accepted_mode_faithful():
+    """The decoder img2dataset now uses, alone: every mode's output pixels equal the source's (fast; the slow
+    test below checks the same through a real img2dataset run)."""
+    from pipeline.data.img2dataset_hooks import PolicyResizer
+    from pipeline.data.sources.shards import IngestConfig
+
+    resize = PolicyResizer(IngestConfig(min_side=MIN, max_side=MAX))
+    for name, (data, want) in mode_cases().items():
+        out, w, h, ow, oh, err = resize(io.BytesIO(data))
+        assert err is None and (w, h) == (ow, oh) == (W, H), (name, err, w, h, ow, oh)
+        assert_pixels_match(out, want, name)
+
+
+@pytest.mark.slow
+def test_download_stores_every_image_mode_faithfully_and_skips_bombs(tmp_path):
+    cases = mode_cases()
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for name, (data, _) in cases.items():
+        (folder / name).write_bytes(data)
+    (folder / "bomb.png").write_bytes(valid_png(1500, 1500))  # 2.25 M pixels > max_pixels below
+    names = sorted(cases) + ["bomb.png"]
+    server = TestServer(folder)
+    try:
+        rows = [(f"{server.url}/{n}".encode(), f"picture {n}".encode()) for n in names]
+        rows[0] = (rows[0][0], b"caption in latin-1: caf\xe9")  # not UTF-8: kept, replaced, counted
+        write_csv_list(tmp_path / "urls.csv", rows)
+        report = download(str(tmp_path / "urls.csv"), str(tmp_path / "out"),
+                          small_cfg(max_pixels=1_000_000, number_sample_per_shard=100))
+    finally:
+        server.close()
+    assert report["failures_by_reason"] == {"too_large": 1}, report  # the bomb, counted; nothing else lost
+    assert report["images_written"] == len(cases) and report["caption_not_utf8_replaced"] == 1
+    stored = {}
+    for uri in storage.list_files(str(tmp_path / "out"), ".tar"):
+        for s in read_shard_tar(uri):
+            meta = json.loads(s["json"])
+            stored[urllib.parse.urlsplit(meta["url"]).path.lstrip("/")] = (s["jpg"], s["txt"].decode())
+    assert stored[names[0]][1] == "caption in latin-1: caf\ufffd"
+    for name, (_, want) in cases.items():  # every accepted mode: stored pixels = the source's, within JPEG error
+        assert_pixels_match(stored[name][0], want, name)
+
+
+@pytest.mark.slow
+def test_download_fails_a_trickling_server_at_the_total_deadline(tmp_path):
+    good = tmp_path / "files"
+    good.mkdir()
+    (good / "ok.png").write_bytes(encode_bytes(Image.fromarray(smooth_rgb()), "PNG"))
+    trickle = TrickleServer(encode_bytes(Image.fromarray(smooth_rgb()), "PNG"), interval=0.2, give_up=8.0)
+    server = TestServer(good)
+    try:
+        pq.write_table(pa.table({"url": [f"{server.url}/ok.png", f"{trickle.url}/slow.png"],
+                                 "caption": ["fast", "slow"]}), tmp_path / "urls.parquet")
+        start = time.monotonic()
+        report = download(str(tmp_path / "urls.parquet"), str(tmp_path / "out"), small_cfg(total_timeout=1.0))
+        took = time.monotonic() - start
+    finally:
+        server.close()
+        trickle.close()
+    assert report["images_written"] == 1 and report["failures_by_reason"] == {"transfer_timeout": 1}, report
+    assert report["retried"] == 0  # a deadline is final, not retried
+    assert trickle.hung_up == 1  # the client gave up on the transfer (without a deadline the server does, at 8 s)
+    assert took < 60, took  # img2dataset's start-up dominates (10-20 s on 2 busy cores)

@@ -33,11 +33,11 @@ SHRINK = [
     "sample.steps=2", "sample.prompts=['a large red circle on a white background, center']",
     "evaluate.steps=2", "evaluate.demo_prompts=['a large blue square on a white background, center']",
 ] + [o for name, steps, every in (("stage1", STAGE1_STEPS, 2), ("stage2", 2, 2), ("stage3", 2, 2), ("stage4", 2, 2))
-     for o in (f"stages.{name}.steps={steps}", f"stages.{name}.checkpoint_every={every}",
-               f"stages.{name}.log_every=1", f"stages.{name}.global_batch=8", f"stages.{name}.micro_batch=8",
-               f"stages.{name}.num_workers=1", f"stages.{name}.sample_prompts=2",
-               f"stages.{name}.sample_steps=2", f"stages.{name}.schedule.warmup_steps=0",
-               f"stages.{name}.ema.start_step=0")]
+     for o in (f"stages.{name}.steps={steps}", f"stages.{name}.checkpoint.every={every}",
+               f"stages.{name}.log_every=1", f"stages.{name}.batch.global_batch=8",
+               f"stages.{name}.batch.micro_batch=8", f"stages.{name}.batch.num_workers=1",
+               f"stages.{name}.sampling.prompts=2", f"stages.{name}.sampling.steps=2",
+               f"stages.{name}.optim.schedule.warmup_steps=0", f"stages.{name}.optim.ema.start_step=0")]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -147,7 +147,6 @@ def finished(proc) -> str:
 @pytest.fixture(scope="module")
 def interrupted(prefect_server, ray_address, tmp_path_factory):
     """Run full-run, kill it (serve process group) once stage 1 has a checkpoint, serve again, run again."""
-    from pipeline.train import checkpoint as ckpt
     from pipeline.train.metrics import read_metrics
 
     base = tmp_path_factory.mktemp("flows")
@@ -163,7 +162,7 @@ def interrupted(prefect_server, ray_address, tmp_path_factory):
         deadline, polled = time.monotonic() + 1200, time.monotonic()
         while resumable_step(stage1) < 2:
             assert time.monotonic() < deadline, "stage 1 registered no checkpoint within 20 minutes"
-            assert not (stage1 / "export" / ckpt.EXPORT_MARKER).exists(), "stage 1 finished before the kill"
+            assert not (stage1 / "export" / "_SUCCESS").exists(), "stage 1 finished before the kill"
             if time.monotonic() - polled > 10:
                 state = flow_state(first_id)
                 assert state not in ("Failed", "Crashed", "Completed", "Cancelled"), f"first run {state}"
@@ -240,9 +239,12 @@ def test_stage_deployment_retrains_one_stage_from_cached_latents(interrupted):
     latents, stage1 = mtimes(root, "data"), mtimes(root, "train/stage1")
     export = root / "train" / "stage2" / "export" / "model.safetensors"
     old_export = export.stat().st_mtime_ns
-    params = {"stage": "stage2", "recipe": RECIPE,
-              "overrides": interrupted["params"]["overrides"] + ["stages.stage2.steps=3"]}
-    run_id = finished(deployment_run("microdit/stage", params))
+    # The typed plan itself as the flow parameter (what `microdit stage` sends): validated before it is sent,
+    # validated again by Prefect on arrival.
+    from pipeline.checks import load_run
+
+    plan = load_run(RECIPE, interrupted["params"]["overrides"] + ["stages.stage2.steps=3"])
+    run_id = finished(deployment_run("microdit/stage", {"stage": "stage2", "plan": plan.to_dict()}))
     states = task_states(run_id)
     assert states == {"train-stage2": "Completed", "sample": "Completed"}, states
     assert mtimes(root, "data") == latents and mtimes(root, "train/stage1") == stage1

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from model.microdit.config import model_config
 from model.microdit.network import MicroDiT
-from pipeline.core.configs import to_dict
+import dataclasses
 from pipeline.generate import GenerateConfig, Generator, generate, main, read_prompts
 
 PROMPTS = ["a large red circle on a white background, center", "a small blue square on a black background, top left",
@@ -31,13 +31,18 @@ def _random_model(seed: int) -> MicroDiT:
     return model
 
 
-def write_export(folder, model: MicroDiT, ema: MicroDiT | None = None, encoders: bool = True, cfg=None) -> str:
-    """The train step's export layout: model.safetensors, ema.safetensors, config.json."""
+def write_export(folder, model: MicroDiT, ema: MicroDiT | None = None, encoders: bool = True, cfg=None,
+                 objective: dict | None = None, legacy: bool = False) -> str:
+    """The train step's export layout: model.safetensors, ema.safetensors, config.json (family, model,
+    objective, encoders, sampler; `legacy`: the older layout with the model only)."""
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
     save_file({k: v.contiguous() for k, v in (ema or model).state_dict().items()},
               os.path.join(folder, "ema.safetensors"))
-    config = {"model": to_dict(cfg or model.cfg), "stage": {"name": "debug"}, "step": 7}
+    config = {"model": dataclasses.asdict(cfg or model.cfg), "stage": {"name": "debug"}, "step": 7}
+    if not legacy:
+        config.update(family="microdit", objective=objective or {"kind": "edm", "sigma_data": 0.9},
+                      sampler={"kind": "heun", "steps": 30, "guidance": 5.0})
     if encoders:
         config["encoders"] = {"vae": "standin", "text": "tiny"}
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -203,3 +208,20 @@ def test_cli_generate_from_an_export_alone(export, tmp_path, capsys):
     empty.write_text("\n")
     assert main(["generate", export, str(tmp_path / "none"), "--prompts-file", str(empty)]) == 2
     assert "empty" in capsys.readouterr().err.lower()
+
+
+def test_sampler_reads_the_objective_and_defaults_from_the_export(tmp_path):
+    """One owner: sigma_data and the sampler defaults come from the export's config.json, not from defaults."""
+    model = _random_model(0)
+    edm09 = write_export(tmp_path / "a", model)
+    edm05 = write_export(tmp_path / "b", model, objective={"kind": "edm", "sigma_data": 0.5})
+    legacy = write_export(tmp_path / "c", model, legacy=True)  # older exports: MicroDiT + EDM, sigma_data 0.9
+    cfg = GenerateConfig(steps=2, seed=3)
+    gens = {name: Generator(uri, cfg) for name, uri in (("0.9", edm09), ("0.5", edm05), ("legacy", legacy))}
+    assert [g.objective.sigma_data for g in gens.values()] == [0.9, 0.5, 0.9]
+    images = {name: g.sample(PROMPTS[:1]) for name, g in gens.items()}
+    assert np.array_equal(images["0.9"], images["legacy"])
+    assert not np.array_equal(images["0.9"], images["0.5"])
+    default = Generator(edm09, GenerateConfig(seed=3))  # no steps/guidance given: the export's sampler defaults
+    assert (default.steps, default.guidance) == (30, 5.0)
+    assert json.loads(default.provenance()["objective"]) == {"kind": "edm", "sigma_data": 0.9}

@@ -117,9 +117,9 @@ def test_prefect_deployments_name_existing_flows(deployment):
     assert set(deployment["parameters"]) <= set(flow.parameters.properties)
     assert (REPO / deployment["parameters"]["recipe"]).is_file()
     if "stage" in deployment["parameters"]:  # the default stage is a stage of the default recipe
-        from pipeline.core.run_config import load_recipe
+        from pipeline.checks import load_run
 
-        load_recipe(REPO / deployment["parameters"]["recipe"]).stage(deployment["parameters"]["stage"])
+        load_run(REPO / deployment["parameters"]["recipe"]).stage(deployment["parameters"]["stage"])
 
 
 def test_prefect_yaml_version_is_the_tested_one():

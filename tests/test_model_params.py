@@ -134,9 +134,17 @@ def test_model_config_overrides_and_errors():
 
 
 def test_config_round_trips_through_plain_dicts():
-    from pipeline.core.configs import from_dict, to_dict
+    import json
 
+    from model import family as families
+
+    fam = families.get("microdit")
     cfg = model_config("MicroDiT_Tiny_2", input_size=64, pos_interp_scale=2.0)
-    assert from_dict(ModelConfig, to_dict(cfg)) == cfg  # what config.json beside a checkpoint holds
+    saved = json.loads(json.dumps(fam.config_to_dict(cfg)))  # what config.json beside a checkpoint holds
+    assert fam.config_from_dict(saved) == cfg
     with pytest.raises(ValueError, match="depht"):
-        from_dict(ModelConfig, {"depht": 3})
+        fam.config_from_dict({"depht": 3})
+    with pytest.raises(ValueError, match="depht"):
+        fam.config("MicroDiT_Debug", depht=3)
+    with pytest.raises(ValueError, match=r"model.depth = '3'"):  # recipe overrides are type-checked
+        fam.config("MicroDiT_Debug", depth="3")

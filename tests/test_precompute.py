@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from pipeline.core import schema, storage
-from pipeline.core.configs import from_dict
 from pipeline.core.images import prepare
 from pipeline.data.precompute import (PrecomputeConfig, content_fingerprint, list_shards, precompute,
                                  precompute_locally, read_part_stats)
@@ -180,7 +179,7 @@ def read_parts(uri: str) -> dict[str, pa.Table]:
 
 def test_config_is_strict_and_checked(tmp_path):
     with pytest.raises(ValueError, match="resolutoins"):
-        from_dict(PrecomputeConfig, {"resolutoins": [256]})
+        PrecomputeConfig.model_validate({"resolutoins": [256]})
     with pytest.raises(ValueError, match="empty_captions"):
         PrecomputeConfig(empty_captions="drop")
     with pytest.raises(ValueError, match="dtype"):
@@ -418,3 +417,39 @@ def test_killed_run_on_s3_resumes_without_loss_or_duplicates(shards, clean_run, 
     dataset = pq.read_table(path, filesystem=fs)  # the whole folder with plain pyarrow: markers ignored
     assert dataset.num_rows == report["rows_written"]
     assert content_fingerprint(PrecomputeConfig(**TINY), "synthetic") == report["fingerprint"]
+
+
+def test_decode_stage_skips_a_valid_bomb_before_decoding():
+    """A real, decodable PNG (not only a lying header) over max_pixels is a counted too_large skip, decoded never."""
+    import resource
+
+    from pipeline.data.precompute_stages import DecodeImages
+
+    w, h = 4000, 3000  # 12 M pixels, a few KB on disk
+    co = zlib.compressobj(1)
+    idat = b"".join(co.compress(b"\0" * (w + 1)) for _ in range(h)) + co.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    assert Image.open(io.BytesIO(png)).size == (w, h) and len(png) < 100_000
+    row = {"shard": ["s"], "seq": [0], "key": ["k"], "is_end": [False], "total": [-1], "error": [""], "reason": [""],
+           "caption_raw": [b"a bomb"], "has_caption": [True], "image": [png]}
+    batch = {k: np.array(v, dtype=object if isinstance(v[0], (str, bytes)) else None) for k, v in row.items()}
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    out = DecodeImages([64], None, 1_000_000, "keep")(batch)
+    assert list(out["reason"]) == ["too_large"] and not out["has_64"][0]
+    assert time.monotonic() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 8 * 1024  # KiB: 12 M pixels not decoded
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes"])
+def test_damaged_part_on_rerun_is_named(tmp_path, damage):
+    """Reliability item 6: a rerun that meets a damaged part names it instead of a bare pyarrow error."""
+    part = tmp_path / "part-00007.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), part)
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match=r"part-00007.parquet.*not a readable Parquet file"):
+        read_part_stats(str(part))

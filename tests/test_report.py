@@ -123,15 +123,16 @@ def test_report_bad_inputs(tmp_path):
 def test_equal_compute_plan_arithmetic():
     from model.microdit.config import flops_per_sample, model_config
     from pipeline.report.compare import equal_compute_plan
-    from pipeline.train.config import StageConfig
+    from pipeline.core.plan import stage_config
 
     model = model_config("MicroDiT_XL_2")
-    stage = StageConfig(name="s1", resolution=256, mask_ratio=0.75, steps=1000, global_batch=2048, micro_batch=256,
-                        num_workers=8)
+    stage = stage_config({"name": "s1", "steps": 1000, "data": {"resolution": 256},
+                          "objective": {"kind": "edm", "mask_ratio": 0.75},
+                          "batch": {"global_batch": 2048, "micro_batch": 256, "num_workers": 8}})
     masked, plain = equal_compute_plan(model, stage, mask_ratios=(0.75, 0.0), downsample=8)
     f75, f0 = flops_per_sample(model, 0.75), flops_per_sample(model, 0.0)  # input_size 32 at 256 px, f=8
     assert masked.stage.steps == 1000 and masked.flops == pytest.approx(1000 * 2048 * f75)
-    assert plain.stage.steps == int(1000 * 2048 * f75 // (2048 * f0)) and plain.stage.mask_ratio == 0.0
+    assert plain.stage.steps == int(1000 * 2048 * f75 // (2048 * f0)) and plain.stage.objective.mask_ratio == 0.0
     assert plain.flops <= masked.flops < plain.flops + 2048 * f0  # equal up to one step
     assert 1.5 < masked.stage.steps / plain.stage.steps < 4  # masking buys more steps, at most 1/(1-0.75)
     assert (masked.name, plain.name) == ("s1-mask75", "s1-mask0")

@@ -22,7 +22,7 @@ def _stages() -> list[dict]:
                    schedule={"kind": "constant"}, **common),
         # A tiny lr, so stage 3's weights show where it started (stage 2's, not a fresh init).
         tiny_stage(name="c3", resolution=128, mask_ratio=0.5, init={"from": "weights", "stage": "c2"},
-                   schedule={"kind": "constant", "warmup_steps": 1}, optimizer={"lr": 1e-6}, p_mean=0.0, p_std=0.6,
+                   schedule={"kind": "constant", "warmup_steps": 1}, lr=1e-6, p_mean=0.0, p_std=0.6,
                    **common),
         tiny_stage(name="c4", resolution=128, mask_ratio=0.0, init={"from": "full_state", "stage": "c3"},
                    schedule={"kind": "constant"}, p_mean=0.0, p_std=0.6, **common),
@@ -41,7 +41,7 @@ def test_four_stages_chain_on_s3(ray_address, s3_endpoint, s3_bucket, monkeypatc
     from model.microdit.config import ModelConfig
     from model.microdit.network import MicroDiT
     from pipeline.core import storage
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     ray.shutdown()  # reconnect below with the S3 endpoint in the workers' environment
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
@@ -53,7 +53,8 @@ def test_four_stages_chain_on_s3(ray_address, s3_endpoint, s3_bucket, monkeypatc
     try:
         with pytest.raises(FileNotFoundError, match="'c1', which has not finished"):
             train_stage(stages[1], "MicroDiT_Debug", root, data)
-        exports = [train_stage(s, "MicroDiT_Debug", root, data, vae="standin") for s in stages]
+        encoders = {"vae": "standin", "text": "tiny"}
+        exports = [train_stage(s, "MicroDiT_Debug", root, data, encoders=encoders) for s in stages]
     finally:
         ray.shutdown()
 

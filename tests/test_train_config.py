@@ -11,68 +11,76 @@ import pytest
 import torch
 
 from pipeline.core import schema
-from pipeline.train.config import load_stages, stage_config
+from pipeline.core.plan import load_stages, stage_config
+from pipeline.train.optim import stage_lr_lambda
 from pipeline.train.data import DecodeLatents, MixtureStream, mixture_weights
+from model.microdit.family import FAMILY as MICRODIT
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_unknown_and_misspelled_keys_are_named():
     with pytest.raises(ValueError, match="grad_clipp"):
-        stage_config({"name": "s", "grad_clipp": 0.5})
+        stage_config({"name": "s", "optim": {"grad_clipp": 0.5}})
     with pytest.raises(ValueError, match="warmup"):
-        stage_config({"name": "s", "schedule": {"kind": "cosine", "warmup": 10}})
-    with pytest.raises(ValueError, match="init.kind='pretrained'"):
+        stage_config({"name": "s", "optim": {"schedule": {"kind": "cosine", "warmup": 10}}})
+    with pytest.raises(ValueError, match="init.kind.*'pretrained'"):
         stage_config({"name": "s", "init": {"from": "pretrained", "stage": "x"}})
     with pytest.raises(ValueError, match="needs init.stage"):
         stage_config({"name": "s", "init": {"from": "weights"}})
-    with pytest.raises(ValueError, match="schedule.kind"):
-        stage_config({"name": "s", "schedule": {"kind": "linear"}})
-    with pytest.raises(ValueError, match="cache_dataset_mb=-1"):
-        stage_config({"name": "s", "cache_dataset_mb": -1})
-    with pytest.raises(ValueError, match="cpu_threads=0"):
-        stage_config({"name": "s", "cpu_threads": 0})
+    with pytest.raises(ValueError, match="schedule.kind.*'linear'"):
+        stage_config({"name": "s", "optim": {"schedule": {"kind": "linear"}}})
+    with pytest.raises(ValueError, match="data.cache_dataset_mb = -1"):
+        stage_config({"name": "s", "data": {"cache_dataset_mb": -1}})
+    with pytest.raises(ValueError, match="batch.cpu_threads = 0"):
+        stage_config({"name": "s", "batch": {"cpu_threads": 0}})
+    with pytest.raises(ValueError, match="grad_clip"):  # flat keys of the old layout are refused, not ignored
+        stage_config({"name": "s", "grad_clip": 0.5})
 
 
 def test_init_from_alias_and_defaults():
     s = stage_config({"name": "b", "init": {"from": "full_state", "stage": "a"}})
     assert (s.init.kind, s.init.stage) == ("full_state", "a")
-    assert s.caption_dropout == 0.1 and s.optimizer.betas == (0.9, 0.999)
+    assert s.objective.caption_dropout == 0.1 and s.optim.betas == (0.9, 0.999)
 
 
 def test_accumulation_arithmetic():
-    s = stage_config({"name": "s", "global_batch": 2048, "micro_batch": 32, "num_workers": 8})
-    assert s.accumulation_steps() == 8
+    s = stage_config({"name": "s", "batch": {"global_batch": 2048, "micro_batch": 32, "num_workers": 8}})
+    assert s.batch.accumulation_steps == 8
     with pytest.raises(ValueError, match=r"global_batch=2048 is not divisible by micro_batch x num_workers = 48 x 8"):
-        stage_config({"name": "s", "global_batch": 2048, "micro_batch": 48, "num_workers": 8})
+        stage_config({"name": "s", "batch": {"global_batch": 2048, "micro_batch": 48, "num_workers": 8}})
 
 
 def test_micro_budget_recipe_matches_the_stage_table():
     stages = load_stages(str(REPO / "recipes" / "stages_micro_budget.yaml"))
-    got = [(s.resolution, s.mask_ratio, s.steps, s.optimizer.lr, s.schedule.kind, s.schedule.warmup_steps,
-            s.grad_clip, s.p_mean, s.p_std, s.micro_batch, s.accumulation_steps(), s.init.kind) for s in stages]
+    got = [(s.data.resolution, s.objective.mask_ratio, s.steps, s.optim.lr, s.optim.schedule.kind,
+            s.optim.schedule.warmup_steps, s.optim.grad_clip, s.objective.p_mean, s.objective.p_std,
+            s.batch.micro_batch, s.batch.accumulation_steps, s.init.kind) for s in stages]
     assert got == [
         (256, 0.75, 250_000, 2.4e-4, "cosine", 2500, 0.25, -0.6, 1.2, 256, 1, "scratch"),
         (256, 0.0, 30_000, 8e-5, "constant", 0, 0.25, -0.6, 1.2, 64, 4, "full_state"),
         (512, 0.75, 50_000, 8e-5, "constant", 500, 0.5, 0.0, 0.6, 32, 8, "weights"),
         (512, 0.0, 5_000, 8e-5, "constant", 0, 0.5, 0.0, 0.6, 16, 16, "full_state"),
     ]
-    assert all(s.global_batch == 2048 and s.optimizer.weight_decay == 0.1 for s in stages)
+    assert all(s.batch.global_batch == 2048 and s.optim.weight_decay == 0.1 for s in stages)
     assert [s.init.stage for s in stages[1:]] == [s.name for s in stages[:-1]]
-    assert stages[0].schedule.floor == 0.33 and stages[2].pos_interp_scale == 2.0
-    assert sum(s.steps * s.global_batch for s in stages) == 686_080_000  # "about 686M samples"
+    assert stages[0].optim.schedule.floor == 0.33 and stages[2].pos_interp_scale == 2.0
+    assert sum(s.steps * s.batch.global_batch for s in stages) == 686_080_000  # "about 686M samples"
 
 
 def test_tiny_recipe_is_cpu_sized():
     stages = load_stages(str(REPO / "recipes" / "stages_tiny.yaml"))
-    assert [s.resolution for s in stages] == [64, 64, 128, 128]
-    assert all(not s.use_gpu and s.num_workers == 2 for s in stages)
+    assert [s.data.resolution for s in stages] == [64, 64, 128, 128]
+    assert all(not s.batch.use_gpu and s.batch.num_workers == 2 for s in stages)
     assert [s.pos_interp_scale for s in stages] == [1.0, 1.0, 2.0, 2.0]
 
 
+def _schedule(steps: int, **schedule):
+    return stage_lr_lambda(stage_config({"name": "s", "steps": steps, "optim": {"schedule": schedule}}))
+
+
 def test_cosine_schedule_warmup_then_floor():
-    s = stage_config({"name": "s", "steps": 100, "schedule": {"kind": "cosine", "warmup_steps": 10, "floor": 0.33}})
-    f = s.lr_lambda()
+    f = _schedule(100, kind="cosine", warmup_steps=10, floor=0.33)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.33 + 0.67 * 0.5)
     assert f(100) == pytest.approx(0.33) and f(500) == pytest.approx(0.33)
@@ -81,10 +89,9 @@ def test_cosine_schedule_warmup_then_floor():
 
 
 def test_constant_schedule_after_warmup():
-    f = stage_config({"name": "s", "steps": 50, "schedule": {"kind": "constant", "warmup_steps": 5}}).lr_lambda()
+    f = _schedule(50, kind="constant", warmup_steps=5)
     assert [f(i) for i in range(7)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])
-    g = stage_config({"name": "s", "steps": 50, "schedule": {"kind": "constant"}}).lr_lambda()
-    assert g(0) == 1.0
+    assert _schedule(50, kind="constant")(0) == 1.0
 
 
 def test_mixture_weights(tmp_path):
@@ -121,15 +128,14 @@ def test_decode_latents_reshapes_and_filters_has_column():
 
 
 def _write_fake_checkpoint(folder: Path) -> None:
+    from pipeline.train.checkpoint import write_manifest
+
     folder.mkdir()
+    (folder / ".metadata").write_bytes(b"m" * 10)
     (folder / "__0_0.distcp").write_bytes(b"x" * 100)
     (folder / "train_state.json").write_text(json.dumps({"world_size": 1, "stage_step": 3}))
     (folder / "model_config.json").write_text(json.dumps({"dim": 128}))
-    from pipeline.train.checkpoint import _crc
-
-    manifest = {n: {"size": os.path.getsize(folder / n), "crc32": _crc(str(folder / n))}
-                for n in ["__0_0.distcp", "train_state.json", "model_config.json"]}
-    (folder / "manifest_rank0.json").write_text(json.dumps(manifest))
+    write_manifest(str(folder), 0)
 
 
 def test_verify_names_truncated_and_altered_files(tmp_path):
@@ -137,16 +143,17 @@ def test_verify_names_truncated_and_altered_files(tmp_path):
 
     good = tmp_path / "checkpoint_000000003"
     _write_fake_checkpoint(good)
-    assert verify(str(good), check_crc=True)["stage_step"] == 3
+    assert verify(str(good), hash_all=True)["stage_step"] == 3
     (good / "__0_0.distcp").write_bytes(b"x" * 60)
     with pytest.raises(ValueError, match=r"__0_0\.distcp.*truncated"):
-        verify(str(good), check_crc=True)
+        verify(str(good), hash_all=True)
     (good / "__0_0.distcp").write_bytes(b"y" * 100)
-    with pytest.raises(ValueError, match=r"__0_0\.distcp.*CRC32"):
-        verify(str(good), check_crc=True)
+    verify(str(good), hash_all=False)  # shards: sizes only
+    with pytest.raises(ValueError, match=r"__0_0\.distcp.*SHA-256"):
+        verify(str(good), hash_all=True)
     (good / "manifest_rank0.json").unlink()
     with pytest.raises(ValueError, match="manifest_rank0.json"):
-        verify(str(good), check_crc=True)
+        verify(str(good), hash_all=True)
     check_model_config(str(good), {"dim": 128})
     with pytest.raises(ValueError, match=r"model_config\.json.*dim"):
         check_model_config(str(good), {"dim": 256})
@@ -170,7 +177,7 @@ def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path):
 
         def build(seed):
             torch.manual_seed(seed)
-            m = parallelize(MicroDiT(cfg), build_mesh(1, "cpu"), bf16=False, compile=False,
+            m = parallelize(MicroDiT(cfg), build_mesh(1, "cpu"), units=MICRODIT.shard_units, bf16=False, compile=False,
                             activation_checkpointing=True)
             opt = build_optimizer(m, 1e-3)
             return m, opt, EMA(m, 0.9)
@@ -185,7 +192,7 @@ def test_dcp_round_trip_of_sharded_model_optimizer_ema(tmp_path):
         folder = str(tmp_path / "c")
         os.makedirs(folder)
         ckpt.save_local(ckpt.AppState(model, opt, ema, train), folder, 0, 1, {ckpt.MODEL_CONFIG: {"a": 1}})
-        ckpt.verify(folder, check_crc=True)
+        ckpt.verify(folder, hash_all=True)
 
         model2, opt2, ema2 = build(1)
         train2 = ckpt.TrainState()

@@ -64,12 +64,37 @@ def write_latents(uri: str, rows: int = 48, files: int = 2, resolutions=(64,), s
     return uri
 
 
+# Where each flat key of a stage lives in the plan's sections (pipeline/core/plan/stage.py).
+SECTION_OF = {
+    "resolution": "data", "base_resolution": "data", "mixture": "data", "exclude_sources": "data",
+    "shuffle_buffer": "data", "cache_dataset_mb": "data",
+    "global_batch": "batch", "micro_batch": "batch", "num_workers": "batch", "use_gpu": "batch",
+    "cpus_per_worker": "batch", "cpu_threads": "batch", "compile": "batch", "activation_checkpointing": "batch",
+    "lr": "optim", "grad_clip": "optim", "ema": "optim", "schedule": "optim", "max_consecutive_nonfinite": "optim",
+    "sigma_data": "objective", "p_mean": "objective", "p_std": "objective", "mask_ratio": "objective",
+    "caption_dropout": "objective",
+    "checkpoint_every": ("checkpoint", "every"), "keep_checkpoints": ("checkpoint", "keep"),
+    "max_failures": "checkpoint", "sample_every": ("sampling", "every"), "sample_prompts": ("sampling", "prompts"),
+    "sample_steps": ("sampling", "steps"),
+}
+
+
 def tiny_stage(**overrides) -> dict:
-    """A few-step CPU stage: 2 gloo workers, micro 2, accumulation 2, a checkpoint every 2 steps."""
-    base = dict(name="s1", resolution=64, mask_ratio=0.5, steps=8, global_batch=8, micro_batch=2, num_workers=2,
-                use_gpu=False, cpus_per_worker=0.5, base_resolution=64, optimizer=dict(lr=3e-3),
+    """A few-step CPU stage: 2 gloo workers, micro 2, accumulation 2, a checkpoint every 2 steps, and a
+    non-default EDM sigma_data (0.5) that must reach the export and the samplers. Flat keyword overrides are
+    put into their plan sections (SECTION_OF)."""
+    flat = dict(name="s1", resolution=64, mask_ratio=0.5, steps=8, global_batch=8, micro_batch=2, num_workers=2,
+                use_gpu=False, cpus_per_worker=0.5, base_resolution=64, lr=3e-3, sigma_data=0.5,
                 schedule=dict(kind="cosine", warmup_steps=2), grad_clip=1.0, ema=dict(decay=0.5),
                 shuffle_buffer=8, log_every=1, checkpoint_every=2, keep_checkpoints=2, sample_prompts=4,
                 sample_steps=3, max_failures=2)
-    base.update(overrides)
-    return base
+    flat.update(overrides)
+    out: dict = {"objective": {"kind": "edm"}}
+    for key, value in flat.items():
+        where = SECTION_OF.get(key)
+        if where is None:
+            out[key] = value
+        else:
+            section, name = where if isinstance(where, tuple) else (where, key)
+            out.setdefault(section, {})[name] = value
+    return out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.testing import faults
 from test_train_helpers import tiny_stage, write_latents
 
 pytestmark = pytest.mark.slow
@@ -26,11 +27,11 @@ def reference(ray_address, data, tmp_path_factory):
     """An uninterrupted 8-step stage (the loss of step index 4 is forced to NaN); yields its root."""
     import ray
 
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     root = str(tmp_path_factory.mktemp("ref"))
-    out = train_stage(tiny_stage(debug={"nan_loss_steps": [4]}), "MicroDiT_Debug", root, data, vae="standin",
-                      text="tiny")
+    with faults.injected(nan_loss_steps=[4]):
+        out = train_stage(tiny_stage(), "MicroDiT_Debug", root, data, encoders={"vae": "standin", "text": "tiny"})
     assert out == f"{root}/train/s1/export"
     yield root
     ray.shutdown()
@@ -51,7 +52,7 @@ def _eval_loss(model, latents, caption) -> float:
     sigma = torch.exp(torch.randn(latents.shape[0], generator=gen) * 1.2 - 0.6)
     noise = torch.randn(latents.shape, generator=gen)
     with torch.no_grad():
-        return float(edm_loss(model, latents, caption, EDMConfig(), sigma=sigma, noise=noise)[0])
+        return float(edm_loss(model, latents, caption, EDMConfig(sigma_data=0.5), sigma=sigma, noise=noise)[0])
 
 
 def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
@@ -70,6 +71,12 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     assert config["step"] == 8 and config["global_step"] == 8 and config["stage"]["name"] == "s1"
     assert config["model"]["input_size"] == 16 and config["model"]["pos_interp_scale"] == 1.0
     assert config["encoders"] == {"vae": "standin", "text": "tiny"}  # generate needs no flags
+    # One owner: the stage's objective constants travel in the export, and generate samples with them.
+    assert config["family"] == "microdit" and config["objective"]["sigma_data"] == 0.5
+    from pipeline.generate import GenerateConfig, Generator
+
+    gen = Generator(str(export), GenerateConfig(steps=1))
+    assert gen.objective.sigma_data == 0.5 and gen.provenance()["steps"] == "1"
 
     rows = read_metrics(str(stage_dir))
     assert [r["skipped"] for r in rows] == [i == 4 for i in range(8)]  # step index 4 -> logged as step 5
@@ -98,7 +105,7 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     assert kept == ["checkpoint_000000006", "checkpoint_000000008"]  # keep_checkpoints=2
 
     # Done is done: a rerun returns the export without training (no new metrics, same files).
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     before = (stage_dir / "metrics.jsonl").read_bytes()
     assert train_stage(tiny_stage(), "MicroDiT_Debug", reference, data) == str(export)
@@ -123,17 +130,18 @@ def test_small_source_is_cached_with_the_streamed_order(reference, data):
 def test_killed_worker_and_stopped_run_resume_to_the_same_losses(reference, data, tmp_path):
     """Rank 1 dies before step 3 (Ray restarts the group from checkpoint 2), the run stops after step 5, a
     rerun finishes it: every step's loss equals the uninterrupted reference run's."""
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     root = str(tmp_path)
-    faulty = tiny_stage(debug={"nan_loss_steps": [4], "crash_rank": 1, "crash_at_step": 3, "stop_at_step": 5})
-    with pytest.raises(RuntimeError, match="stopped before its last step"):
-        train_stage(faulty, "MicroDiT_Debug", root, data)
+    with faults.injected(nan_loss_steps=[4], crash_rank=1, crash_at_step=3, stop_at_step=5):
+        with pytest.raises(RuntimeError, match="stopped before its last step"):
+            train_stage(tiny_stage(), "MicroDiT_Debug", root, data)
     assert (tmp_path / "train" / "s1" / "debug_crashed").exists()  # the worker really died once
     assert (tmp_path / "train" / "s1" / "checkpoint_000000005").is_dir()
     assert not (tmp_path / "train" / "s1" / "export").exists()
 
-    train_stage(tiny_stage(debug={"nan_loss_steps": [4]}), "MicroDiT_Debug", root, data)
+    with faults.injected(nan_loss_steps=[4]):
+        train_stage(tiny_stage(), "MicroDiT_Debug", root, data)
     np.testing.assert_array_equal(_losses(root), _losses(reference))
 
 
@@ -144,7 +152,7 @@ def _copy_unfinished(reference: str, dest: Path) -> Path:
 
 
 def test_damaged_checkpoint_is_a_clear_error(reference, data, tmp_path):
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     stage_dir = _copy_unfinished(reference, tmp_path)
     shard = stage_dir / "checkpoint_000000008" / "__1_0.distcp"
@@ -154,7 +162,7 @@ def test_damaged_checkpoint_is_a_clear_error(reference, data, tmp_path):
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(reference, data, tmp_path):
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
     _copy_unfinished(reference, tmp_path)
     with pytest.raises(ValueError, match=r"model_config\.json.*depth"):
@@ -162,9 +170,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(reference, data, tmp_path)
 
 
 def test_too_many_nonfinite_steps_stop_the_stage(reference, data, tmp_path):
-    from pipeline.train import train_stage
+    from pipeline.train.stage import train_stage
 
-    stage = tiny_stage(name="nan", steps=4, max_failures=0, max_consecutive_nonfinite=1,
-                       debug={"nan_loss_steps": [0, 1, 2]}, sample_prompts=0)
-    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+    stage = tiny_stage(name="nan", steps=4, max_failures=0, max_consecutive_nonfinite=1, sample_prompts=0)
+    with faults.injected(nan_loss_steps=[0, 1, 2]), pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
         train_stage(stage, "MicroDiT_Debug", str(tmp_path), data)

@@ -16,9 +16,22 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 whatever the input and parameter dtype, returned in the input's dtype.
+
+    Under FSDP's bf16 mixed precision the weight and activations arrive in bf16; statistics and the affine
+    step stay float32 here. A float32 input is computed exactly as nn.LayerNorm does (the casts are no-ops).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 def layer_norm(dim: int, eps: float, affine: bool = True) -> nn.LayerNorm:
-    """LayerNorm without bias; affine=False also drops the weight (qk-norm)."""
-    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=False)
+    """Float32 LayerNorm without bias; affine=False also drops the weight (qk-norm)."""
+    return LayerNorm(dim, eps=eps, elementwise_affine=affine, bias=False)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ def random_keep(n: int, tokens: int, kept: int, device: torch.device,
 
 
 class MicroDiT(nn.Module):
-    """Text-to-image diffusion transformer: forward(x, c_noise, caption, mask_ratio, generator) -> (out, keep)."""
+    """Text-to-image diffusion transformer: forward(x, c_noise, caption, keep_ids=...) -> (out, keep)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -57,9 +57,14 @@ class MicroDiT(nn.Module):
         return pos.unsqueeze(0)  # (1, T, D)
 
     @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Rebuild the fixed buffers (positions) on the parameters' device; needed after to_empty()."""
+        self.pos_embed = self._positions().to(self.pos_embed.device)
+
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter (and rebuild positions) as the recipe says; works after to_empty()."""
-        self.pos_embed = self._positions().to(self.pos_embed.device)
+        self.init_buffers()
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -80,7 +85,13 @@ class MicroDiT(nn.Module):
             blk.init_weights(0.02 / math.sqrt(2 * (i + 1)))
         self.final_layer.init_weights()
 
-    def _check(self, x: torch.Tensor, c_noise: torch.Tensor, caption: torch.Tensor, mask_ratio: float) -> None:
+    @property
+    def num_patches(self) -> int:
+        """Tokens per image before masking: the T of the (N, T) keep sets this network accepts."""
+        return self.cfg.num_patches
+
+    def _check(self, x: torch.Tensor, c_noise: torch.Tensor, caption: torch.Tensor, mask_ratio: float,
+               keep_ids: torch.Tensor | None) -> None:
         cfg = self.cfg
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"latent shape {tuple(x.shape)}: expected (N, {cfg.in_channels}, H, W)")
@@ -98,15 +109,40 @@ class MicroDiT(nn.Module):
                              f"({n}, {cfg.caption_len}, {cfg.caption_dim})")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio={mask_ratio!r}: expected a value in [0, 1)")
+        if keep_ids is not None:
+            T = cfg.num_patches
+            if keep_ids.dim() != 2 or keep_ids.shape[0] != n or not 1 <= keep_ids.shape[1] <= T \
+                    or keep_ids.dtype != torch.long:
+                raise ValueError(f"keep_ids {tuple(keep_ids.shape)} {keep_ids.dtype}: expected int64 ({n}, K) "
+                                 f"token indices with 1 <= K <= {T}")
+            if mask_ratio > 0 and keep_ids.shape[1] != kept_tokens(T, mask_ratio):
+                raise ValueError(f"keep_ids keep {keep_ids.shape[1]} tokens but mask_ratio={mask_ratio} keeps "
+                                 f"{kept_tokens(T, mask_ratio)} of {T}")
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, caption: torch.Tensor, mask_ratio: float = 0.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (N, C, H, W) = c_in * noisy latent, c_noise (N,), caption (N, L, C_txt) -> (out, keep (N, T) | None)."""
-        self._check(x, c_noise, caption, mask_ratio)
+                generator: torch.Generator | None = None,
+                keep_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (N, C, H, W) = c_in * noisy latent, c_noise (N,), caption (N, L, C_txt) -> (out, keep (N, T) | None).
+
+        keep_ids (N, K) int64 are the tokens the backbone sees (distinct per row, any order; `random_keep`
+        draws them): training passes them, drawn outside, so the forward has no random op and compiles as one
+        graph. Without keep_ids, mask_ratio > 0 draws them here from `generator` (eager convenience: the
+        same draw, but a graph break when the network is compiled).
+        """
+        self._check(x, c_noise, caption, mask_ratio, keep_ids)
         n, T = x.shape[0], self.cfg.num_patches
+        if keep_ids is None and mask_ratio > 0:
+            kept = kept_tokens(T, mask_ratio)
+            if kept == 0:
+                raise ValueError(f"mask_ratio={mask_ratio} keeps no token of {T}; expected fewer masked")
+            keep_ids = random_keep(n, T, kept, x.device, generator)  # (N, K)
+        # Compute dtype: the parameters' (bf16 inside an FSDP mixed-precision forward). The root leaves inputs
+        # as given, so c_noise reaches the timestep embedder in float32; positions are added in float32.
+        dtype = self.x_embedder.weight.dtype
         c_noise = c_noise.reshape(n)  # a sigma-shaped (N, 1, 1, 1) is fine too
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
-        y = self.caption_embedder(caption)  # (N, L, D)
+        x = self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2)  # (N, T, D)
+        x = (x + self.pos_embed).to(dtype)
+        y = self.caption_embedder(caption.to(dtype))  # (N, L, D)
         c = self.t_embedder(c_noise) + self.pooled_embedder(y.mean(dim=1))  # (N, D)
 
         x = self.mixer_in(x)  # (N, T, D_mix)
@@ -114,12 +150,9 @@ class MicroDiT(nn.Module):
         for blk in self.mixer:
             x = blk(x, y_mix, c)  # (N, T, D_mix): the mixer sees every token
 
-        keep = ids = None
-        if mask_ratio > 0:
-            kept = kept_tokens(T, mask_ratio)
-            if kept == 0:
-                raise ValueError(f"mask_ratio={mask_ratio} keeps no token of {T}; expected fewer masked")
-            ids = random_keep(n, T, kept, x.device, generator)  # (N, K)
+        keep = None
+        if keep_ids is not None:
+            ids = keep_ids.to(x.device)  # (N, K)
             x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (N, K, D_mix)
             keep = torch.zeros(n, T, dtype=torch.bool, device=x.device).scatter_(1, ids, True)  # (N, T)
 
@@ -128,7 +161,7 @@ class MicroDiT(nn.Module):
             x = blk(x, y, c)  # (N, K, D)
         x = self.final_layer(x, c)  # (N, K, p*p*C)
 
-        if ids is not None:
+        if keep_ids is not None:
             full = x.new_zeros(n, T, x.shape[-1])  # masked patches are zeros
             x = full.scatter(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)  # (N, T, p*p*C)
         return self.unpatchify(x), keep

@@ -1,8 +1,13 @@
 """EDM (Karras et al. 2022) preconditioning, training noise and loss; never imports the network.
 
 The network is any module with the MicroDiT forward:
-`net(x_in, c_noise, caption, mask_ratio=..., generator=...) -> (out, keep)`, where x_in = c_in * x,
-c_noise = ln(sigma) / 4, and keep is a (N, T) bool mask of kept patches (None when nothing is masked).
+`net(x_in, c_noise, caption, keep_ids=...) -> (out, keep)`, where x_in = c_in * x, c_noise = ln(sigma) / 4,
+keep_ids (N, K) are the tokens the network keeps, and keep is the (N, T) bool mask of kept patches (None when
+nothing is masked). A network that declares `num_patches` gets its keep set drawn here (`random_keep`, from the
+loss's generator after sigma and noise), so its forward holds no random op and compiles as one graph; a
+network without it draws its own set from `mask_ratio=..., generator=...` in its forward.
+The preconditioning, the output combination and the loss run in float32 (float64 when x is), whatever
+precision the network computes in.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["EDMConfig", "precondition", "denoise", "edm_loss", "loss_weight", "sample_sigmas",
-           "masked_patch_mean", "drop_captions"]
+           "masked_patch_mean", "drop_captions", "random_keep"]
 
 
 @dataclass
@@ -42,9 +47,14 @@ def precondition(sigma: torch.Tensor, sigma_data: float = 0.9):
     return c_skip, c_out, c_in, c_noise
 
 
+def _precision(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the preconditioning and loss arithmetic: float32, or x's dtype when wider (float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or (N,) sigma to (N,) in x's dtype and device."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    """Broadcast a scalar or (N,) sigma to (N,) in x's precision (at least float32) and device."""
+    sigma = torch.as_tensor(sigma, dtype=_precision(x), device=x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
@@ -58,20 +68,39 @@ def _net_dtype(net: nn.Module, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
+def random_keep(n: int, tokens: int, mask_ratio: float, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, K) kept-token indices, K = int(T (1 - mask_ratio)): a per-sample uniform subset in raster order.
+
+    One torch.rand(N, T) on the generator's device, so a seeded generator gives the same sets on any device.
+    """
+    kept = int(tokens * (1 - mask_ratio))
+    if not 0.0 < mask_ratio < 1.0 or kept == 0:
+        raise ValueError(f"mask_ratio={mask_ratio!r} of {tokens} tokens: expected (0, 1) keeping at least one")
+    noise_device = generator.device if generator is not None else device
+    noise = torch.rand(n, tokens, generator=generator, device=noise_device)  # (N, T)
+    ids = torch.argsort(noise, dim=1)[:, :kept]  # a random permutation's first K entries
+    return ids.sort(dim=1).values.to(device)  # (N, K)
+
+
 def denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, caption: torch.Tensor,
             mask_ratio: float = 0.0, generator: torch.Generator | None = None, sigma_data: float = 0.9,
-            net_dtype: torch.dtype | None = None):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise); returns (D in x's dtype, keep).
+            net_dtype: torch.dtype | None = None, keep_ids: torch.Tensor | None = None):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise); returns (D, keep), D in float32 (float64 if x is).
 
-    The preconditioning runs in x's dtype (float64 in the sampler); the network sees its own dtype
-    (its parameters' dtype unless net_dtype is given).
+    c_skip, c_out, c_in, c_noise and the combination run in that precision; the network sees its own dtype
+    (its parameters' dtype unless net_dtype is given) and casts further inside under mixed precision.
+    keep_ids (N, K) select the kept tokens; without them a masking network draws its own from
+    mask_ratio and generator.
     """
+    x = x.to(_precision(x))
     sigma = _per_sample_sigma(sigma, x)  # (N,)
     c_skip, c_out, c_in, c_noise = precondition(sigma, sigma_data)
     dtype = net_dtype or _net_dtype(net, x.dtype)
     b = (-1,) + (1,) * (x.ndim - 1)
-    out, keep = net((c_in.view(b) * x).to(dtype), c_noise.to(dtype), caption.to(dtype),
-                    mask_ratio=mask_ratio, generator=generator)
+    masking = {"keep_ids": keep_ids} if keep_ids is not None else \
+        {"mask_ratio": mask_ratio, "generator": generator} if mask_ratio > 0 else {}
+    out, keep = net((c_in.view(b) * x).to(dtype), c_noise.to(dtype), caption.to(dtype), **masking)
     d = c_skip.view(b) * x + c_out.view(b) * out.to(x.dtype)  # (N, C, H, W)
     return d, keep
 
@@ -114,7 +143,8 @@ def edm_loss(net: nn.Module, latents: torch.Tensor, caption: torch.Tensor, cfg: 
 
     Noise levels and noise come from `generator` unless given (fixed sigma/noise make an evaluation loss).
     Captions are used as given: apply `drop_captions` first for classifier-free guidance training.
-    With masking the error counts only at kept patches; masked patches are ignored.
+    With masking the error counts only at kept patches; masked patches are ignored. Generator draws, in order:
+    sigmas, noise, then the keep set (see the module docstring).
     """
     x0 = latents.float()
     n = x0.shape[0]
@@ -124,8 +154,11 @@ def edm_loss(net: nn.Module, latents: torch.Tensor, caption: torch.Tensor, cfg: 
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x = x0 + sigma.view(-1, 1, 1, 1) * noise.to(x0.dtype)  # (N, C, H, W)
+    keep_ids = None
+    if mask_ratio > 0 and hasattr(net, "num_patches"):  # drawn here, after sigma and noise: compile-clean
+        keep_ids = random_keep(n, net.num_patches, mask_ratio, generator, x0.device)  # (N, K)
     d, keep = denoise(net, x, sigma, caption, mask_ratio=mask_ratio, generator=generator,
-                      sigma_data=cfg.sigma_data)
+                      sigma_data=cfg.sigma_data, keep_ids=keep_ids)
     err = (d.float() - x0) ** 2  # (N, C, H, W)
     if keep is None:
         per = err.flatten(1).mean(dim=1)  # (N,)

@@ -13,7 +13,8 @@ from enum import Enum
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000
+from pipeline.core.plan.data import DEFAULT_MAX_PIXELS
+
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG's opener also reads MPO (phone photos)
 WHITE = (255, 255, 255)
 

@@ -18,6 +18,7 @@ included), `N_stats.json` (written last: the shard is complete), then `_report.j
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,27 +33,27 @@ import tempfile
 import time
 import urllib.parse
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core import storage
-from pipeline.core.configs import to_dict
-from pipeline.data.sources.shards import (ENCODE_FORMATS, REPORT, STATS_SUFFIX, SUCCESS, done_shards, failure_reason,
-                                     is_retryable, put_file, remove_incomplete, shard_name, tar_bytes)
+from pipeline.core import layout, storage
+from pipeline.core.plan import DownloadConfig
+from pipeline.data.sources.shards import (REPORT, STATS_SUFFIX, IngestConfig, done_shards, failure_reason,
+                                          is_retryable, put_file, remove_incomplete, shard_name, tar_bytes)
+from pipeline.data.sources.urls import is_text, utf8_column
 
 log = logging.getLogger(__name__)
 
-OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset 1.47's default
 # Column names img2dataset reserves for its own metadata (plus ours): never passed as extra columns.
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
             "error_message", "exif", "md5", "sha256", "sha512", "row_id"}
-# Child process: img2dataset 1.47's download() with two of its module globals swapped. Its logger process only
+# Child process: img2dataset 1.47's download() with some of its module globals swapped. Its logger process only
 # prints speed stats (we log progress from the stats files), and with one process its spawn pool only adds another
-# interpreter start and import; the Downloader, Reader and writers are img2dataset's own.
+# interpreter start and import. Its resizer is replaced by our decoder and size policy, and its fetch by one with a
+# total deadline (pipeline/data/img2dataset_hooks.py says why); the Reader and writers are img2dataset's own.
 _RUNNER = """
 import ctypes, json, signal, sys
 try:  # die with the parent (PR_SET_PDEATHSIG), so a killed step leaves no download running
@@ -73,7 +74,13 @@ def serial(processes_count, downloader, reader, subjob_size, max_shard_retry):
     run = lambda shards: [row for ok, row in map(downloader, shards) if not ok]
     retrier(run, run(reader), max_shard_retry)
 
-kwargs = json.loads(sys.argv[1])
+kwargs, hooks = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+from functools import partial
+from pipeline.data.img2dataset_hooks import DeadlineDownloader, PolicyResizer
+from pipeline.data.sources.shards import IngestConfig
+policy = IngestConfig(**hooks["policy"])
+m.Resizer = lambda **_: PolicyResizer(policy)  # img2dataset's own size arguments are replaced by `policy`
+m.Downloader = partial(DeadlineDownloader, total_timeout=hooks["total_timeout"])
 m.LoggerProcess = NoLogger
 if kwargs["processes_count"] == 1:
     m.multiprocessing_distributor = serial
@@ -81,46 +88,8 @@ m.download(**kwargs)
 """
 
 
-@dataclass
-class DownloadConfig:
-    """img2dataset settings and the size policy (RECIPE: drop short side < 256, shrink short side > 512)."""
-
-    processes: int = 4
-    threads: int = 64
-    timeout: int = 10  # seconds per request
-    retries: int = 0  # img2dataset's immediate re-requests of a failed URL
-    retry_rounds: int = 1  # our later pass over retryable failures, into extra shards
-    max_shard_retry: int = 1  # img2dataset's re-runs of a shard whose worker crashed
-    min_side: int = 256
-    max_side: int = 512
-    max_aspect_ratio: float = float("inf")
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    number_sample_per_shard: int = 10000
-    url_col: str = "url"
-    caption_col: str = "caption"
-    extra_columns: list[str] | None = None  # None: every other column of the list (reserved names excepted)
-    disallowed_header_directives: list[str] = field(default_factory=lambda: list(OPT_OUT_DIRECTIVES))
-    user_agent_token: str | None = None
-    compute_hash: str | None = "sha256"
-    extract_exif: bool = False
-    staging_dir: str | None = None  # local staging for s3:// outputs (default: under the system temp dir)
-    log_interval: float = 10.0  # seconds between progress lines
-
-    def __post_init__(self):
-        if not 1 <= self.min_side <= self.max_side:
-            raise ValueError(f"expected 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
-        if self.encode_format not in ENCODE_FORMATS:
-            raise ValueError(f"unknown encode_format {self.encode_format!r}; expected one of {list(ENCODE_FORMATS)}")
-        for name in ("processes", "threads", "timeout", "number_sample_per_shard"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("retries", "retry_rounds", "max_shard_retry"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
 # ------------------------------------------------------------------------------------------------ URL list
+
 
 def read_url_list(uri: str, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
     """Read a parquet / csv / jsonl URL list (format from the extension); ValueError if columns or rows are missing."""
@@ -152,9 +121,16 @@ def read_url_list(uri: str, url_col: str = "url", caption_col: str = "caption") 
 
 
 def normalize_url_list(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, dict]:
-    """-> (url, caption, extras..., row_id) with empty URLs dropped and duplicate URLs kept once; and counts."""
-    urls = pc.utf8_trim_whitespace(table[cfg.url_col].cast(pa.string()))
-    captions = pc.fill_null(table[cfg.caption_col].cast(pa.string()), "")
+    """-> (url, caption, extras..., row_id) with empty URLs dropped and duplicate URLs kept once; and counts.
+
+    Text that is not UTF-8 (CSV readers then infer a binary column; Parquet may carry it in a string column) does
+    not fail the list: such a caption or extra value is kept with its bad bytes replaced by U+FFFD, such a URL is
+    skipped (it names no fetchable address). Both are counted, with the first row numbers, in the report.
+    """
+    urls, bad_url = utf8_column(table[cfg.url_col])
+    urls = pc.utf8_trim_whitespace(pc.if_else(pa.array(bad_url), None, urls))  # skipped: counted below
+    captions, bad_caption = utf8_column(table[cfg.caption_col])
+    captions = pc.fill_null(captions, "")
     if cfg.extra_columns is None:
         extras = [c for c in table.column_names if c not in (cfg.url_col, cfg.caption_col) and c not in RESERVED]
     else:
@@ -163,7 +139,15 @@ def normalize_url_list(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, 
             raise ValueError(f"extra_columns {bad} are missing from the URL list or reserved by img2dataset "
                              f"({sorted(RESERVED)}); columns found: {table.column_names}")
         extras = list(cfg.extra_columns)
-    t = pa.table({"url": urls, "caption": captions, **{c: table[c] for c in extras}})
+    bad_extra = np.zeros(table.num_rows, bool)
+    extra_cols = {}
+    for c in extras:
+        col = table[c]
+        if is_text(col.type):
+            col, bad = utf8_column(col)
+            bad_extra |= bad
+        extra_cols[c] = col
+    t = pa.table({"url": urls, "caption": captions, **extra_cols})
     valid = pc.fill_null(pc.greater(pc.utf8_length(t["url"]), 0), False)
     n_raw = t.num_rows
     t = t.filter(valid)
@@ -173,8 +157,15 @@ def normalize_url_list(table: pa.Table, cfg: DownloadConfig) -> tuple[pa.Table, 
     first = t.group_by("url", use_threads=False).aggregate([("_i", "min")])["_i_min"]
     t = t.take(np.sort(first.to_numpy())).drop_columns(["_i"])
     t = t.append_column("row_id", pa.array(range(t.num_rows), pa.int64()))
-    counts = {"rows_in_list": n_raw, "missing_url": n_raw - n_valid, "duplicate_urls": n_valid - t.num_rows,
-              "unique_urls": t.num_rows}
+    n_bad_url = int(bad_url.sum())
+    counts = {"rows_in_list": n_raw, "missing_url": n_raw - n_valid - n_bad_url, "url_not_utf8_skipped": n_bad_url,
+              "caption_not_utf8_replaced": int(bad_caption.sum()), "extra_not_utf8_replaced": int(bad_extra.sum()),
+              "duplicate_urls": n_valid - t.num_rows, "unique_urls": t.num_rows}
+    bad_rows = np.flatnonzero(bad_url | bad_caption | bad_extra)
+    if len(bad_rows):
+        counts["not_utf8_rows"] = bad_rows[:10].tolist()  # 0-based data rows of the list, the first ten
+        log.warning("URL list: %d row(s) with text that is not UTF-8 (rows %s...): URLs skipped, captions and "
+                    "extra values kept with U+FFFD replacements", len(bad_rows), bad_rows[:10].tolist())
     return t, counts
 
 
@@ -194,7 +185,7 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str, out_folder: str, 
         url_list=url_parquet, output_folder=out_folder, input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=extras + ["row_id"], output_format="webdataset", incremental_mode="incremental",
         image_size=cfg.max_side, resize_mode="keep_ratio", resize_only_if_bigger=True, min_image_size=cfg.min_side,
-        max_aspect_ratio=cfg.max_aspect_ratio, encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
+        max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), encode_format=cfg.encode_format, encode_quality=cfg.encode_quality,
         processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=cfg.retries,
         number_sample_per_shard=cfg.number_sample_per_shard, max_shard_retry=cfg.max_shard_retry,
         distributor="multiprocessing", enable_wandb=False, compute_hash=cfg.compute_hash,
@@ -204,14 +195,20 @@ def _img2dataset_kwargs(cfg: DownloadConfig, url_parquet: str, out_folder: str, 
     )
 
 
-def _run_img2dataset(kwargs: dict, log_path: str, n_shards: int, what: str, interval: float) -> None:
+def _hooks(cfg: DownloadConfig) -> dict:
+    """What the child swaps into img2dataset: our decode + size policy (archive ingestion's) and the deadline."""
+    policy = IngestConfig.from_download(cfg, max_pixels=cfg.max_pixels)
+    return {"policy": dataclasses.asdict(policy), "total_timeout": cfg.total_timeout}  # inf travels as Infinity
+
+
+def _run_img2dataset(kwargs: dict, hooks: dict, log_path: str, n_shards: int, what: str, interval: float) -> None:
     """Run img2dataset in a child process, logging shard progress; RuntimeError (with its log tail) on failure."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true",
                PYTHONUNBUFFERED="1")
     folder = kwargs["output_folder"]
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, json.dumps(kwargs)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, json.dumps(kwargs), json.dumps(hooks)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
         last = time.monotonic()
         try:
             while proc.poll() is None:
@@ -235,7 +232,7 @@ def _run_img2dataset(kwargs: dict, log_path: str, n_shards: int, what: str, inte
 def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None) -> dict:
     """Download a URL list into webdataset shards at out_uri; returns the report (stored one if _SUCCESS exists)."""
     cfg = cfg or DownloadConfig()
-    if storage.exists(storage.join(out_uri, SUCCESS)):
+    if layout.is_complete(out_uri):
         return storage.read_json(storage.join(out_uri, REPORT))
     start = time.time()
     table, counts = normalize_url_list(read_url_list(url_list_uri, cfg.url_col, cfg.caption_col), cfg)
@@ -261,7 +258,8 @@ def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None)
         _seed_stats(out_uri, main_dir)
     if not set(range(n_main)) <= set(done_shards(main_dir)):
         kwargs = _img2dataset_kwargs(cfg, url_parquet, main_dir, extras)
-        _run_img2dataset(kwargs, os.path.join(work, "img2dataset.log"), n_main, "download", cfg.log_interval)
+        _run_img2dataset(kwargs, _hooks(cfg), os.path.join(work, "img2dataset.log"), n_main, "download",
+                         cfg.log_interval)
     if s3:
         _upload_finished(main_dir, out_uri)
     missing = sorted(set(range(n_main)) - set(done_shards(out_uri)))
@@ -279,13 +277,17 @@ def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None)
 
     report = _report(out_uri, counts)
     report.update({"url_list": url_list_uri, "out_uri": out_uri, "main_shards": n_main,
-                   "seconds": round(time.time() - start, 3), "config": _json_safe(to_dict(cfg))})
+                   "seconds": round(time.time() - start, 3), "config": _json_safe(_as_dict(cfg))})
     storage.write_json(storage.join(out_uri, REPORT), report)
-    storage.write_bytes(storage.join(out_uri, SUCCESS), b"")  # last: the output is complete
+    layout.mark_complete(out_uri)  # last: the output is complete
     shutil.rmtree(work, ignore_errors=True)
     log.info("download done: %d images, %d failed %s", report["images_written"], report["failed"],
              report["failures_by_reason"])
     return report
+
+
+def _as_dict(cfg: DownloadConfig) -> dict:
+    return cfg.model_dump(mode="json")
 
 
 def _json_safe(d: dict) -> dict:
@@ -374,8 +376,8 @@ def _retry(rows: pa.Table, out_uri: str, work: str, cfg: DownloadConfig, extras:
     staged = os.path.join(rdir, "out")
     remove_incomplete(staged)
     n = math.ceil(rows.num_rows / cfg.number_sample_per_shard)
-    _run_img2dataset(_img2dataset_kwargs(cfg, urls, staged, extras), os.path.join(rdir, "img2dataset.log"),
-                     n, "retry", cfg.log_interval)
+    _run_img2dataset(_img2dataset_kwargs(cfg, urls, staged, extras), _hooks(cfg),
+                     os.path.join(rdir, "img2dataset.log"), n, "retry", cfg.log_interval)
     oom = math.ceil(math.log10(cfg.number_sample_per_shard))
     for sid in sorted(done_shards(staged)):
         new_id = max([n_main - 1, *done_shards(out_uri)]) + 1

@@ -30,68 +30,22 @@ import logging
 import posixpath
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core import schema, storage
-from pipeline.core.configs import to_dict
-from pipeline.core.images import DEFAULT_MAX_PIXELS
+from pipeline.core import layout, schema, storage
+from pipeline.core.plan import PrecomputeConfig
 from pipeline.data.precompute_stages import (SPOOL_DIR, DecodeImages, EncodeCaptions, EncodeImages, ReadShard,
                                         SpoolWriter)
 
 log = logging.getLogger(__name__)
 
 STATS_KEY = b"microdit.precompute"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 # Settings that change the rows written; a resumed run must match the parts already there.
 CONTENT_FIELDS = ("resolutions", "vae", "text_encoder", "source", "max_caption_tokens", "seed", "min_side",
                   "max_pixels", "empty_captions")
-
-
-@dataclass
-class PrecomputeConfig:
-    """What to compute (encoders, resolutions, decode limits) and how wide to run it on Ray."""
-
-    resolutions: list[int] = field(default_factory=lambda: [256, 512])
-    vae: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    text_encoder: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
-    source: str | None = None  # dataset name in keys; default: the shard folder's name
-    max_caption_tokens: int = 77
-    seed: int = 0  # posterior samples are seeded per row from (seed, key, resolution)
-    min_side: int | None = None  # skip images whose short side is below this; default: the smallest resolution
-    max_pixels: int = DEFAULT_MAX_PIXELS  # declared width x height above this: skipped as too_large
-    empty_captions: str = "keep"  # "keep" (caption "") or "skip"
-    dtype: str = "auto"  # encoder dtype: auto = bfloat16 on GPU, float32 on CPU
-    device: str = "auto"  # auto = cuda when the cluster has GPUs
-    vae_batch_size: int = 32
-    text_batch_size: int = 64
-    vae_actors: int = 1
-    text_actors: int = 1
-    vae_gpus_per_actor: float = 0.5  # two encoder actors share one GPU by default
-    text_gpus_per_actor: float = 0.5
-    cpus_per_actor: float = 1.0
-    read_batch_rows: int = 64  # rows per block leaving the shard reader
-    decode_batch_rows: int = 16
-    spool_rows: int = 256  # rows per spool file (before the per-shard merge)
-    row_group_rows: int = 1024  # Parquet row group size; a part file holds one input shard
-    max_commits_in_flight: int = 4
-    require_complete_input: bool = True  # the shard folder must carry the download step's _SUCCESS
-
-    def __post_init__(self):
-        self.resolutions = sorted({int(r) for r in self.resolutions})
-        if not self.resolutions or self.resolutions[0] < 1:
-            raise ValueError(f"resolutions must be positive integers, got {self.resolutions}")
-        for name, allowed in (("empty_captions", ("keep", "skip")), ("dtype", DTYPES), ("device", DEVICES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
-        for name in ("vae_batch_size", "text_batch_size", "vae_actors", "text_actors", "read_batch_rows",
-                     "decode_batch_rows", "spool_rows", "row_group_rows", "max_commits_in_flight"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def content_fingerprint(cfg: PrecomputeConfig, source: str) -> dict:
@@ -103,8 +57,8 @@ def content_fingerprint(cfg: PrecomputeConfig, source: str) -> dict:
 
 def list_shards(shards_uri: str, require_complete: bool = True) -> dict[str, str]:
     """{shard name: tar URI} of a webdataset folder."""
-    if require_complete and not storage.exists(storage.join(shards_uri, "_SUCCESS")):
-        raise FileNotFoundError(f"shard folder {shards_uri!r} has no _SUCCESS marker: the download step has not "
+    if require_complete and not layout.is_complete(shards_uri):
+        raise FileNotFoundError(f"shard folder {shards_uri!r} has no {layout.MARKER} marker: the download step has not "
                                 "finished (set require_complete_input=False for a folder made otherwise)")
     tars = storage.list_files(shards_uri, ".tar")
     if not tars:
@@ -116,29 +70,47 @@ def part_uri(out_uri: str, shard: str) -> str:
     return storage.join(out_uri, f"part-{shard}.parquet")
 
 
-def encoder_dims(cfg: PrecomputeConfig) -> dict[str, int]:
-    """Latent channels, downsample and text shape of the configured encoders (loaded once on CPU to ask)."""
+def encoder_dims(cfg: PrecomputeConfig) -> dict:
+    """Latent channels, downsample and text shape of the configured encoders (loaded once on CPU to ask); for a
+    text encoder with a fixed pad row (Llama) also that row and the empty prompt's embedding (`text_pad`,
+    `unconditional`, float32 arrays)."""
     from model.encoders import load_text_encoder, load_vae
 
-    vae, text = load_vae(cfg.vae), load_text_encoder(cfg.text_encoder)
+    vae = load_vae(cfg.vae)
+    text = load_text_encoder(cfg.text_encoder, tokens=cfg.max_caption_tokens)
     if text.context_length != cfg.max_caption_tokens:
         raise ValueError(f"text encoder {cfg.text_encoder!r} has context length {text.context_length}, "
                          f"expected max_caption_tokens={cfg.max_caption_tokens}")
-    return {"latent_channels": vae.latent_channels, "downsample": vae.downsample,
+    dims = {"latent_channels": vae.latent_channels, "downsample": vae.downsample,
             "text_tokens": text.context_length, "text_width": text.width}
+    if hasattr(text, "pad_state"):  # compact caption storage: only a caption's own rows are written
+        dims["text_pad"] = text.pad_state.cpu().numpy()
+        dims["unconditional"] = text.unconditional().cpu().numpy()
+    return dims
 
 
-def output_schema(cfg: PrecomputeConfig) -> pa.Schema:
+def output_schema(cfg: PrecomputeConfig, dims: dict | None = None) -> pa.Schema:
     """The part files' Parquet schema for the configured encoders and resolutions."""
-    dims = encoder_dims(cfg)
+    dims = dims or encoder_dims(cfg)
     return schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"], dims["text_tokens"],
-                                dims["text_width"])
+                                dims["text_width"], dims.get("text_pad"))
+
+
+def write_unconditional(out_uri: str, dims: dict) -> str | None:
+    """`_unconditional.safetensors` beside the parts, when the text encoder defines an unconditional input."""
+    if "unconditional" not in dims:
+        return None
+    return schema.write_unconditional(out_uri, dims["unconditional"], dims["text_pad"])
 
 
 def read_part_stats(uri: str) -> dict:
     """The per-shard counts stored in a part file's footer."""
     fs, path = storage.filesystem(uri)
-    meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    try:
+        meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"part file {uri!r} ({fs.get_file_info(path).size} bytes) is not a readable Parquet "
+                         f"file (truncated or damaged): {e}; delete it and rerun to re-encode its shard") from None
     if STATS_KEY not in meta:
         raise ValueError(f"{uri!r} has no {STATS_KEY.decode()} footer; not a precompute part file")
     return json.loads(meta[STATS_KEY])
@@ -227,7 +199,9 @@ def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConf
 
     For tests and the benchmark's baseline; no _report.json or _SUCCESS is written.
     """
-    out_schema = output_schema(cfg)
+    dims = encoder_dims(cfg)
+    out_schema = output_schema(cfg, dims)
+    write_unconditional(out_uri, dims)
     read = ReadShard(cfg.read_batch_rows)
     decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
     vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
@@ -266,15 +240,20 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
     from pipeline.core import ray_cluster
 
     start = time.monotonic()
+    if cfg.vae is None or cfg.text_encoder is None:
+        raise ValueError("PrecomputeConfig.vae and .text_encoder are not set: pass the run's encoders "
+                         "(PrecomputeConfig.for_source(source, encoders))")
     source = cfg.source or posixpath.basename(str(shards_uri).rstrip("/"))
     fingerprint = content_fingerprint(cfg, source)
-    done_uri, report_uri = storage.join(out_uri, "_SUCCESS"), storage.join(out_uri, "_report.json")
-    if storage.exists(done_uri):
+    report_uri = storage.join(out_uri, "_report.json")
+    if layout.is_complete(out_uri):
         report = storage.read_json(report_uri)
         _check_fingerprint(report.get("fingerprint"), fingerprint, report_uri)
         return report
     shards = list_shards(shards_uri, cfg.require_complete_input)
-    out_schema = output_schema(cfg)
+    dims = encoder_dims(cfg)
+    out_schema = output_schema(cfg, dims)
+    write_unconditional(out_uri, dims)  # before any part: training reads it with them
     stats = {}
     for name in shards:
         if storage.exists(part_uri(out_uri, name)):
@@ -316,7 +295,7 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
     report = _report(shards_uri, out_uri, cfg, shards, stats, pending, out_schema, fingerprint, device, dtype)
     report["elapsed_s"] = round(time.monotonic() - start, 3)
     storage.write_json(report_uri, report)
-    storage.write_bytes(done_uri, b"")
+    layout.mark_complete(out_uri)
     return report
 
 
@@ -342,6 +321,6 @@ def _report(shards_uri, out_uri, cfg, shards, stats, pending, out_schema, finger
                    "errors": {n: s["error"] for n, s in sorted(stats.items()) if s["error"]}},
         "schema": {f.name: str(f.type) + (f" shape {schema.field_shape(f)}" if f.metadata else "")
                    for f in out_schema},
-        "device": device, "dtype": dtype, "fingerprint": fingerprint, "config": to_dict(cfg),
+        "device": device, "dtype": dtype, "fingerprint": fingerprint, "config": cfg.model_dump(mode="json"),
     }
 

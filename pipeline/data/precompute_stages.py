@@ -245,7 +245,7 @@ class EncodeCaptions:
 
         from model.encoders import load_text_encoder
 
-        self.encoder = load_text_encoder(text_spec, device, getattr(torch, dtype))
+        self.encoder = load_text_encoder(text_spec, device, getattr(torch, dtype), tokens=max_tokens)
         if self.encoder.context_length != max_tokens:
             raise ValueError(f"text encoder {text_spec!r} has context length {self.encoder.context_length}, "
                              f"expected max_caption_tokens={max_tokens}")
@@ -256,13 +256,19 @@ class EncodeCaptions:
         captions = [str(c) for c in batch["caption"]]
         states = np.zeros((len(ok), enc.context_length, enc.width), np.float16)  # (N, 77, W)
         truncated = np.zeros(len(ok), bool)
+        lengths = np.full(len(ok), enc.context_length, np.int32)  # real rows per caption (compact storage)
+        compact = hasattr(enc, "encode_with_lengths")
         idx = np.flatnonzero(ok)
         for chunk, pad in _padded_chunks(idx, self.batch_size):  # fixed shape: see EncodeImages
             texts = [captions[i] for i in chunk]
             truncated[chunk] = np.array(enc.count_tokens(texts)) > self.max_tokens
-            s = enc.encode(texts + [""] * pad)  # (B, 77, W) float32
+            if compact:
+                s, n = enc.encode_with_lengths(texts + [""] * pad)  # (B, L, W) float32, (B,)
+                lengths[chunk] = n[:len(chunk)].numpy()
+            else:
+                s = enc.encode(texts + [""] * pad)  # (B, 77, W) float32
             states[chunk] = s[:len(chunk)].cpu().numpy().astype(np.float16)
-        return {**batch, schema.CAPTION_STATES: states, "caption_truncated": truncated}
+        return {**batch, schema.CAPTION_STATES: states, "caption_truncated": truncated, "caption_tokens": lengths}
 
 
 # ----------------------------------------------------------------------------------------- spool
@@ -286,7 +292,11 @@ def rows_table(batch: dict[str, np.ndarray], rows: np.ndarray, source: str, reso
         cols[field.name] = schema.tensor_array([lat[j] if has[j] else None for j in range(len(rows))], field)
         cols[schema.has_column(r)] = pa.array(has, pa.bool_())
     field = out_schema.field(schema.CAPTION_STATES)
-    cols[field.name] = schema.tensor_array(list(batch[schema.CAPTION_STATES][rows]), field)
+    if schema.is_compact(field):  # only each caption's own rows; the reader re-pads with the field's pad row
+        cols[field.name] = schema.compact_array(list(batch[schema.CAPTION_STATES][rows]),
+                                                batch["caption_tokens"][rows], field)
+    else:
+        cols[field.name] = schema.tensor_array(list(batch[schema.CAPTION_STATES][rows]), field)
     return pa.Table.from_arrays([cols[f.name] for f in out_schema], schema=out_schema)
 
 

@@ -3,8 +3,9 @@
 Protocol (fixed; every number below is recorded in metrics.json beside the result):
   * Captions: COCO-2014 val (`{coco}/annotations/captions_val2014.json`), `num_images` (30,000) images and one
     caption each, drawn with random.Random(seed) by pipeline/data/coco_captions.py (the COCO ingest uses the same).
-  * Generated: one image per caption at `resolution` (256 or 512), Heun EDM sampler, `steps` (30), `guidance`
-    (5.0), image i with noise seed `seed + i`, EMA weights; written as PNGs under {root}/eval/samples/.
+  * Generated: one image per caption at `resolution` (256 or 512), with the export's own objective and sampler
+    (MicroDiT: EDM Heun, 30 steps, guidance 5.0 unless `steps` / `guidance` say otherwise), image i with noise
+    seed `seed + i`, EMA weights; written as PNGs under {root}/eval/samples/.
   * Real: the same COCO images, bicubic resize of the short side and center crop to `resolution`
     (pipeline/core/images.py, the training preprocessing), as uint8.
   * FID: torchmetrics FrechetInceptionDistance, 2048-d pool features (`fid_features`) of torch-fidelity's Inception-v3
@@ -22,55 +23,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from pipeline.core import storage
+from pipeline.core import layout, storage
+from pipeline.core.layout import Layout
+from pipeline.core.plan import EvalConfig, GenerateConfig
 from pipeline.data.coco_captions import select_captions
-from pipeline.core.configs import to_dict
 from pipeline.evaluate.metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
-from pipeline.generate import GenerateConfig, Generator, encode_png, image_name, make_grid, resolve_device
+from pipeline.generate import Generator, encode_png, image_name, make_grid, resolve_device
 
 COCO_CAPTIONS = "annotations/captions_val2014.json"
 COCO_IMAGES = "val2014"
-DONE = "_SUCCESS"
-
-
-@dataclass
-class EvalConfig:
-    """What to measure and by which protocol (see the module docstring)."""
-
-    coco: str | None = None  # COCO-2014 root (annotations/ + val2014/); None: no FID / CLIP score
-    num_images: int = 30_000
-    resolution: int = 256
-    steps: int = 30
-    guidance: float = 5.0
-    seed: int = 0
-    batch_size: int = 32
-    use_ema: bool = True
-    fid: bool = True
-    inception_weights: str | None = None  # local Inception file; None: torch-fidelity downloads its copy
-    fid_antialias: bool = False
-    fid_features: int = 2048  # Inception pool width: 2048 is the standard FID (64/192/768 for quick checks)
-    clip: bool = True
-    clip_model: str = "ViT-L-14"
-    clip_pretrained: str = "openai"  # open_clip tag or a local weights file
-    demo: bool = False  # the synthetic caption-match metric
-    demo_prompts: list[str] | None = None  # None: DEMO_PROMPTS
-    demo_seeds: int = 1  # images per demo prompt
-    demo_resolution: int | None = None  # None: the model's own
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.num_images < 2:
-            raise ValueError(f"num_images={self.num_images}: FID needs at least 2 images")
-        if self.resolution < 1:
-            raise ValueError(f"resolution={self.resolution}: expected a pixel size (the protocol uses 256 or 512)")
-        if self.demo_seeds < 1:
-            raise ValueError(f"demo_seeds={self.demo_seeds}: expected >= 1")
 
 
 def demo_prompts() -> list[str]:
@@ -131,33 +97,36 @@ def _batches(files: list[str], size: int):
 
 def evaluate(weights_uri: str, root_uri: str, cfg: EvalConfig | None = None, vae_spec: str | None = None,
              text_spec: str | None = None) -> dict:
-    """Measure the weights by the protocol; writes {root}/eval/metrics.json (+ _SUCCESS). Idempotent."""
+    """Measure the weights by the protocol; writes {root}/eval/metrics.json (+ its marker). Idempotent."""
     cfg = cfg or EvalConfig()
-    eval_uri = storage.join(root_uri, "eval")
-    request = {"weights": str(weights_uri), "config": to_dict(cfg), "vae": vae_spec, "text": text_spec}
-    done_uri, metrics_uri = storage.join(eval_uri, DONE), storage.join(eval_uri, "metrics.json")
-    if storage.exists(done_uri) and storage.read_json(done_uri) == request and storage.exists(metrics_uri):
+    paths = Layout(root_uri)
+    eval_uri, metrics_uri = paths.eval, paths.metrics
+    request = {"weights": str(weights_uri), "config": cfg.model_dump(mode="json"), "vae": vae_spec,
+               "text": text_spec}
+    marker = layout.read_marker(eval_uri)
+    if marker is not None and json.loads(marker or b"null") == request and storage.exists(metrics_uri):
         return storage.read_json(metrics_uri)
 
-    metrics: dict = {"protocol": to_dict(cfg), "weights": str(weights_uri)}
+    metrics: dict = {"protocol": cfg.model_dump(mode="json"), "weights": str(weights_uri)}
     gcfg = GenerateConfig(steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
                           use_ema=cfg.use_ema, device=cfg.device, grid=False)
     if cfg.demo:
         metrics["demo"] = _demo(weights_uri, eval_uri, cfg, gcfg, vae_spec, text_spec)
     if cfg.coco and (cfg.fid or cfg.clip):
-        metrics.update(_coco(weights_uri, eval_uri, cfg, replace(gcfg, resolution=cfg.resolution), vae_spec,
-                             text_spec))
+        metrics.update(_coco(weights_uri, eval_uri, cfg, gcfg.model_copy(update={"resolution": cfg.resolution}),
+                             vae_spec, text_spec))
     elif cfg.fid or cfg.clip:
         metrics["skipped"] = {"fid_clip": "no COCO-2014 root given (evaluate.coco)"}
     storage.write_json(metrics_uri, metrics)
-    storage.write_json(done_uri, request)  # last: marks metrics.json complete for this request
+    layout.mark_complete(eval_uri, json.dumps(request))  # last: metrics.json is complete for this request
     return metrics
 
 
 def _demo(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec) -> dict:
     prompts = [p for p in (cfg.demo_prompts or demo_prompts()) for _ in range(cfg.demo_seeds)]
-    gen = Generator(weights_uri, replace(gcfg, resolution=cfg.demo_resolution), vae_spec, text_spec)
-    folder = storage.join(eval_uri, "demo", _key({"prompts": prompts, "w": gen.weights_sha256, "g": to_dict(gcfg),
+    gen = Generator(weights_uri, gcfg.model_copy(update={"resolution": cfg.demo_resolution}), vae_spec, text_spec)
+    folder = storage.join(eval_uri, "demo", _key({"prompts": prompts, "w": gen.weights_sha256,
+                                                   "g": gcfg.model_dump(mode="json"),
                                                    "r": gen.resolution}))
     files = sample_to_folder(gen, prompts, folder)
     images = [_read_png(f) for f in files]
@@ -172,7 +141,7 @@ def _coco(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec
     prompts = [r["caption"] for r in rows]
     gen = Generator(weights_uri, gcfg, vae_spec, text_spec)
     folder = storage.join(eval_uri, "samples", _key({"rows": _key(rows), "w": gen.weights_sha256,
-                                                     "g": to_dict(gcfg)}))
+                                                     "g": gcfg.model_dump(mode="json")}))
     files = sample_to_folder(gen, prompts, folder)
     del gen  # free the generator before the metric networks load
     device, out = resolve_device(cfg.device), {"num_images": len(rows), "samples": folder}

@@ -19,7 +19,7 @@ class Arm:
     """One side of the comparison: its stage config (steps set from the budget) and its compute."""
 
     name: str
-    stage: Any  # pipeline.train.config.StageConfig
+    stage: Any  # pipeline.core.plan.StageConfig
     flops_per_sample: float
     flops: float  # steps x global_batch x flops_per_sample
 
@@ -32,36 +32,41 @@ def equal_compute_plan(model_cfg, stage_cfg, budget_flops: float | None = None,
     budget_flops: None -> what `stage_cfg` itself costs (its steps at its own mask ratio).
     """
     from model.microdit.config import flops_per_sample
-    from pipeline.train.config import stage_config
+    from pipeline.core.plan import stage_config
 
     stage = stage_config(stage_cfg)
-    if stage.resolution % downsample:
-        raise ValueError(f"resolution {stage.resolution} is not a multiple of the VAE downsample {downsample}")
-    cfg = dataclasses.replace(model_cfg, input_size=stage.resolution // downsample)
+    resolution, batch = stage.data.resolution, stage.batch.global_batch
+    if stage.objective.kind != "edm":
+        raise ValueError(f"equal-compute masking arms need a masked objective (edm), got {stage.objective.kind!r}")
+    if resolution % downsample:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE downsample {downsample}")
+    cfg = dataclasses.replace(model_cfg, input_size=resolution // downsample)
     if budget_flops is None:
-        budget_flops = stage.steps * stage.global_batch * flops_per_sample(cfg, stage.mask_ratio)
+        budget_flops = stage.steps * batch * flops_per_sample(cfg, stage.objective.mask_ratio)
     if not budget_flops > 0:
         raise ValueError(f"budget_flops={budget_flops}: expected > 0")
     arms = []
     for ratio in mask_ratios:
         fps = flops_per_sample(cfg, ratio)
-        steps = int(budget_flops // (stage.global_batch * fps))
+        steps = int(budget_flops // (batch * fps))
         if steps < 1:
             raise ValueError(f"budget {budget_flops:.3g} FLOPs buys no step at mask_ratio={ratio} "
-                             f"({stage.global_batch} x {fps:.3g} FLOPs per step)")
-        if stage.schedule.warmup_steps > steps:
+                             f"({batch} x {fps:.3g} FLOPs per step)")
+        warmup = stage.optim.schedule.warmup_steps
+        if warmup > steps:
             raise ValueError(f"mask_ratio={ratio}: {steps} steps is fewer than the warmup "
-                             f"({stage.schedule.warmup_steps}); raise the budget or lower the warmup")
+                             f"({warmup}); raise the budget or lower the warmup")
         name = f"{stage.name}-mask{int(round(ratio * 100))}"
-        arm_stage = dataclasses.replace(stage, name=name, mask_ratio=ratio, steps=steps)
-        arms.append(Arm(name, arm_stage, fps, steps * stage.global_batch * fps))
+        arm_stage = stage_config({**stage.model_dump(mode="json"), "name": name, "steps": steps,
+                                  "objective": {**stage.objective.model_dump(mode="json"), "mask_ratio": ratio}})
+        arms.append(Arm(name, arm_stage, fps, steps * batch * fps))
     return arms
 
 
 def run_curves(root: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Metric rows of a run's stages in order, with cumulative `samples` and `flops`; plus totals."""
-    from model.microdit.config import ModelConfig, flops_per_sample
-    from pipeline.core.configs import from_dict
+    from model import family as families
+    from pipeline.report.report import stage_fields
 
     rows, samples, flops = [], 0, 0.0
     for name in _stage_names(root, ReportConfig()):
@@ -69,10 +74,12 @@ def run_curves(root: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if not storage.exists(export):
             raise FileNotFoundError(f"{export!r} does not exist; compare needs each stage's model and stage config")
         config = storage.read_json(export)
-        stage, model = config.get("stage") or {}, config.get("model")
-        if model is None or "global_batch" not in stage:
-            raise ValueError(f"{export!r} needs 'model' and 'stage.global_batch' to count FLOPs")
-        fps = flops_per_sample(from_dict(ModelConfig, model), float(stage.get("mask_ratio", 0.0)))
+        stage, model = stage_fields(config.get("stage") or {}), config.get("model")
+        if model is None or not stage.get("global_batch"):
+            raise ValueError(f"{export!r} needs 'model' and the stage's global batch to count FLOPs")
+        fam = families.get(config.get("family", "microdit"))
+        objective = config.get("objective") or {"mask_ratio": float(stage.get("mask_ratio") or 0.0)}
+        fps = fam.flops_per_sample(fam.config_from_dict(model), objective)
         batch, last = int(stage["global_batch"]), 0
         for r in read_jsonl(storage.join(root, "train", name, "metrics.jsonl")):
             n = (r["step"] - last) * batch

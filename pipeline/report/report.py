@@ -15,31 +15,15 @@ import html
 import io
 import json
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core import storage
+from pipeline.core.layout import Layout
+from pipeline.core.plan import ReportConfig
 
 # Stretching Each Dollar (arXiv 2407.15811), Table / abstract figures.
 PAPER = {"fid_22m_real": 12.72, "fid_37m": 12.66, "geneval": 0.46, "cost_usd": 1890.0, "price_per_gpu_hour": 3.75,
          "gpus": 8, "days": 2.6, "samples_per_s": 3050.0}
-
-
-@dataclass
-class ReportConfig:
-    """Report settings: GPU price, stage order (None: the run config's, else by name), title, HTML copy."""
-
-    price_per_gpu_hour: float = 3.75  # RECIPE.md: $3.75 per H100-hour
-    stages: list[str] | None = None
-    title: str = "MicroDiT run report"
-    html: bool = True
-    tail: int = 5  # final loss = mean of the last `tail` logged losses
-
-    def __post_init__(self) -> None:
-        if self.price_per_gpu_hour < 0:
-            raise ValueError(f"price_per_gpu_hour={self.price_per_gpu_hour}: expected >= 0")
-        if self.tail < 1:
-            raise ValueError(f"tail={self.tail}: expected >= 1")
 
 
 def read_jsonl(uri: str) -> list[dict[str, Any]]:
@@ -54,10 +38,20 @@ def read_jsonl(uri: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["step"])
 
 
+def stage_fields(stage: dict[str, Any]) -> dict[str, Any]:
+    """The few settings the report reads from a stage config (the plan's sections, or an older flat one)."""
+    if "batch" not in stage:
+        return stage
+    return {"global_batch": stage["batch"].get("global_batch"), "num_workers": stage["batch"].get("num_workers"),
+            "use_gpu": stage["batch"].get("use_gpu"), "resolution": stage.get("data", {}).get("resolution"),
+            "mask_ratio": stage.get("objective", {}).get("mask_ratio")}
+
+
 def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float, tail: int = 5) -> dict[str, Any]:
     """Steps, samples, training time, mean throughput, GPU-hours, cost and final loss of one stage's metrics."""
     if not rows:
         raise ValueError("stage has no metrics rows")
+    stage = stage_fields(stage)
     batch = int(stage.get("global_batch", 0)) or None
     seconds, waited, timed, prev = 0.0, 0.0, 0.0, 0
     for r in rows:
@@ -164,17 +158,18 @@ def _copy(src: str, report: str, name: str) -> str | None:
 def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
     """Write {root}/report/report.md (+ .html, stats.json, PNGs) from the run's outputs; returns report.md's URI."""
     cfg = cfg or ReportConfig()
-    report = storage.join(root_uri, "report")
+    report = Layout(root_uri).report_dir
     stages = _stage_names(root_uri, cfg)
     if not stages:
         raise FileNotFoundError(f"no {storage.join(root_uri, 'train', '<stage>', 'metrics.jsonl')!r}: "
                                 "nothing to report; train a stage first")
-    series, stats = {}, {}
+    series, stats, family = {}, {}, None
     for name in stages:
         series[name] = read_jsonl(storage.join(root_uri, "train", name, "metrics.jsonl"))
         export = storage.join(root_uri, "train", name, "export", "config.json")
-        stage_cfg = storage.read_json(export).get("stage", {}) if storage.exists(export) else {}
-        stats[name] = stage_stats(series[name], stage_cfg, cfg.price_per_gpu_hour, cfg.tail)
+        exported = storage.read_json(export) if storage.exists(export) else {}
+        family = family or exported.get("family")
+        stats[name] = stage_stats(series[name], exported.get("stage", {}), cfg.price_per_gpu_hour, cfg.tail)
     totals = {k: sum(s[k] or 0 for s in stats.values()) for k in ("steps", "samples", "hours", "gpu_hours",
                                                                    "cost_usd")}
     totals["samples_per_s"] = totals["samples"] / (totals["hours"] * 3600) if totals["hours"] else None
@@ -194,6 +189,8 @@ def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
         if src and _copy(src, report, fname):
             grids.append((title, fname))
 
+    if cfg.title is None:
+        cfg = cfg.model_copy(update={"title": f"{_family_title(family)} run report"})
     md = _markdown(cfg, stages, stats, totals, metrics, grids)
     storage.write_json(storage.join(report, "stats.json"), {"stages": stats, "totals": totals, "metrics": metrics,
                                                             "price_per_gpu_hour": cfg.price_per_gpu_hour,
@@ -203,6 +200,15 @@ def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
     uri = storage.join(report, "report.md")
     storage.write_bytes(uri, md.encode())  # last: the report's presence means its figures are there
     return uri
+
+
+def _family_title(name: str | None) -> str:
+    from model import family as families
+
+    try:
+        return families.get(name or "microdit").title
+    except ValueError:
+        return str(name)
 
 
 def _last_png(root: str, stage: str) -> str | None:
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="microdit report", description=__doc__.splitlines()[0])
     p.add_argument("root")
-    p.add_argument("--price", type=float, default=ReportConfig.price_per_gpu_hour)
+    p.add_argument("--price", type=float, default=ReportConfig.model_fields["price_per_gpu_hour"].default)
     args = p.parse_args(argv)
     print(build_report(args.root, ReportConfig(price_per_gpu_hour=args.price)))
     return 0

@@ -37,6 +37,30 @@ def parquet_files(uri: str) -> list[str]:
     return files
 
 
+def caption_field(uri: str) -> pa.Field:
+    """The caption-states field of a source's Parquet schema (with its shape, layout and pad metadata)."""
+    fs, path = storage.filesystem(parquet_files(uri)[0])
+    return pq.read_schema(path, filesystem=fs).field(schema.CAPTION_STATES)
+
+
+def unconditional(latents: Mapping[str, str]) -> np.ndarray | None:
+    """The sources' shared unconditional caption (tokens, width) float32 from `_unconditional.safetensors`;
+    None when no source has one; ValueError when only some have one or they differ."""
+    found = {s: schema.read_unconditional(uri) for s, uri in sorted(latents.items())}
+    have = {s: u for s, u in found.items() if u is not None}
+    if not have:
+        return None
+    if len(have) != len(found):
+        raise ValueError(f"sources {sorted(set(found) - set(have))} have no {schema.UNCONDITIONAL_FILE} but "
+                         f"{sorted(have)} do: their captions come from different text encoders")
+    first = next(iter(have.values()))
+    differ = sorted(s for s, u in have.items() if u.shape != first.shape or not np.array_equal(u, first))
+    if differ:
+        raise ValueError(f"sources {differ} have another unconditional caption than {sorted(have)[0]!r}: "
+                         "their captions come from different text encoders")
+    return first
+
+
 def source_shapes(uri: str, resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(latent shape (C, H, W), caption shape (L, D)) read from a source's Parquet schema."""
     first = parquet_files(uri)[0]
@@ -53,10 +77,15 @@ def source_shapes(uri: str, resolution: int) -> tuple[tuple[int, ...], tuple[int
 class DecodeLatents:
     """Ray Data stage: flat float16 columns -> {"latents": (N, C, H, W), "caption": (N, L, D)} float16 arrays."""
 
-    def __init__(self, resolution: int, latent_shape: tuple[int, ...], caption_shape: tuple[int, ...]):
+    def __init__(self, resolution: int, latent_shape: tuple[int, ...], caption_shape: tuple[int, ...],
+                 caption_field: pa.Field | None = None):
         self.column = schema.latent_column(resolution)
         self.has = schema.has_column(resolution)
         self.latent_shape, self.caption_shape = tuple(latent_shape), tuple(caption_shape)
+        # Compact caption states (Llama): re-padded with the field's pad row, which the driver read from the
+        # file's schema (Ray's blocks need not keep field metadata).
+        self.caption_field = caption_field if caption_field is not None and schema.is_compact(caption_field) \
+            else None
 
     @staticmethod
     def _flat(table: pa.Table, column: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -68,8 +97,12 @@ class DecodeLatents:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         table = table.filter(table.column(self.has))  # 512-px stages: only images at least that large
-        return {LATENTS: self._flat(table, self.column, self.latent_shape),
-                CAPTION: self._flat(table, schema.CAPTION_STATES, self.caption_shape)}
+        if self.caption_field is not None:
+            col = table.column(schema.CAPTION_STATES).combine_chunks()
+            caption = schema.repad(col, self.caption_field, np.float16)  # (N, L, D)
+        else:
+            caption = self._flat(table, schema.CAPTION_STATES, self.caption_shape)
+        return {LATENTS: self._flat(table, self.column, self.latent_shape), CAPTION: caption}
 
 
 def dataset_name(source: str, sources: Mapping[str, Any]) -> str:
@@ -137,7 +170,8 @@ def build_datasets(latents: Mapping[str, str], resolution: int, seed: int,
         ds = ds.select_columns([schema.latent_column(resolution), schema.has_column(resolution),
                                 schema.CAPTION_STATES])
         # An instance (not the class) runs as plain tasks: the stage holds no heavy state worth an actor.
-        ds = ds.map_batches(DecodeLatents(resolution, *s), batch_format="pyarrow", batch_size=None)
+        ds = ds.map_batches(DecodeLatents(resolution, *s, caption_field(uri)), batch_format="pyarrow",
+                            batch_size=None)
         if cache_bytes and source_bytes(uri) < cache_bytes:
             ds.context.execution_options.preserve_order = True  # the cached block order is the file order
             ds = ds.materialize()

@@ -114,3 +114,11 @@ def constant_schedule(warmup_steps: int = 0) -> Callable[[int], float]:
     """lr multiplier: linear warmup to 1 over warmup_steps, then constant 1."""
     _check_steps(warmup_steps)
     return lambda step: _warmup(step, warmup_steps)
+
+
+def stage_lr_lambda(stage) -> Callable[[int], float]:
+    """The LR multiplier of a stage (its optim.schedule) as a function of the stage step."""
+    s = stage.optim.schedule
+    if s.kind == "cosine":
+        return cosine_schedule(s.warmup_steps, stage.steps, s.floor)
+    return constant_schedule(s.warmup_steps)

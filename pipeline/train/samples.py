@@ -1,4 +1,5 @@
-"""Sample grids during training: fixed prompts, EMA weights, Heun + CFG, a PNG under {stage}/samples/."""
+"""Sample grids during training: fixed prompts, EMA weights, the objective's sampler with CFG, a PNG under
+{stage}/samples/."""
 from __future__ import annotations
 
 import io
@@ -12,17 +13,18 @@ from pipeline.train.parallelize import reshard_all
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, *, steps: int, guidance: float,
-                   sigma_data: float, seed: int) -> torch.Tensor:
-    """Latents (K, C, H, W) drawn with the EMA weights (swapped in, then back); run on every rank (FSDP)."""
-    from model.samplers.heun import HeunSampler, make_noise
+def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, objective, *, steps: int,
+                   guidance: float, seed: int) -> torch.Tensor:
+    """Latents (K, C, H, W) drawn by the stage's objective with the EMA weights (swapped in, then back); run on
+    every rank (FSDP)."""
+    from model.samplers.heun import make_noise
 
     device = captions.device
     backup = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema.copy_to(model)
     try:
         noise = make_noise((captions.shape[0], *latent_shape), seed, device=device)
-        return HeunSampler(steps=steps).sample(model, noise, captions, guidance=guidance, sigma_data=sigma_data)
+        return objective.sample(model, noise, captions, steps=steps, guidance=guidance)
     finally:
         reshard_all(model)  # forwards without backward leave the last block gathered
         for n, p in model.named_parameters():

@@ -10,70 +10,69 @@ run name and storage) hands the workers the latest checkpoint and training conti
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.core import storage
+from pipeline.core import layout, storage
+from pipeline.core.layout import Layout
+from pipeline.core.plan import EncodersConfig, ModelSection, StageConfig, stage_config
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.config import StageConfig, stage_config
-from pipeline.train.data import build_datasets, dataset_name, fixed_prompts, mixture_weights, source_shapes
+from pipeline.train import hooks
+from pipeline.train.inputs import check_sources
+from pipeline.train.data import (build_datasets, dataset_name, fixed_prompts, mixture_weights,
+                                 unconditional)
 
 log = logging.getLogger(__name__)
 
 
 def stage_uri(root: str, name: str) -> str:
-    return storage.join(root, "train", name)
+    return Layout(root).stage(name)
 
 
 def export_uri(root: str, name: str) -> str:
-    return storage.join(stage_uri(root, name), "export")
+    return Layout(root).export(name)
 
 
 def is_done(root: str, name: str) -> bool:
     """True when the stage's export is complete (its marker is written last)."""
-    return storage.exists(storage.join(export_uri(root, name), ckpt.EXPORT_MARKER))
+    return layout.is_complete(export_uri(root, name))
 
 
-def resolve_model_config(model: Any):
-    """A ModelConfig from a ModelConfig, a preset name, or {"preset": ..., **overrides}."""
-    from model.microdit.config import ModelConfig, model_config
+def stage_model_config(model: ModelSection, stage: StageConfig, latent_shape, caption_shape):
+    """(family, network config) for this stage: the preset with the recipe's overrides, fitted to the data
+    (latent side) and to the stage (positions scaled by resolution / base_resolution)."""
+    from model import family as families
 
-    if isinstance(model, ModelConfig):
-        return model
-    if isinstance(model, str):
-        return model_config(model)
-    if isinstance(model, Mapping):
-        overrides = dict(model)
-        if "preset" not in overrides:
-            raise ValueError(f"model config {dict(model)} needs a `preset` (e.g. 'MicroDiT_XL_2')")
-        return model_config(overrides.pop("preset"), **overrides)
-    raise ValueError(f"model: expected a ModelConfig, a preset name or a dict with `preset`, got {model!r}")
+    fam = families.get(model.family)
+    base = fam.config(model.preset, **model.overrides())
+    return fam, fam.fit(base, latent_shape, caption_shape, stage.pos_interp_scale)
 
 
-def stage_model_config(base, stage: StageConfig, latent_shape, caption_shape):
-    """The model for this stage: latent side from the data, positions scaled by resolution / base_resolution."""
-    c, h, w = latent_shape
-    if h != w:
-        raise ValueError(f"latents at {stage.resolution} px are {h}x{w}; MicroDiT expects square latents")
-    if c != base.in_channels:
-        raise ValueError(f"latents have {c} channels, the model expects in_channels={base.in_channels}")
-    if tuple(caption_shape) != (base.caption_len, base.caption_dim):
-        raise ValueError(f"caption states are {tuple(caption_shape)}, the model expects "
-                         f"(caption_len, caption_dim) = ({base.caption_len}, {base.caption_dim})")
-    return dataclasses.replace(base, input_size=h, pos_interp_scale=stage.pos_interp_scale)
+def check_objective_inputs(stage: StageConfig, fam, latents: Mapping[str, str]):
+    """The unconditional caption the stage's objective trains with (None: zeros), checked before Ray starts.
+
+    A family whose unconditional input is the empty prompt's embedding needs `_unconditional.safetensors` from
+    precompute; REPA needs per-batch DINOv2 features, which precompute does not write yet.
+    """
+    uncond = unconditional(latents)
+    if fam.text.unconditional == "empty_prompt" and uncond is None:
+        raise FileNotFoundError(f"the {fam.name} family's unconditional caption is the empty prompt's embedding, but "
+                                f"the latents {sorted(latents.values())} hold no _unconditional.safetensors; "
+                                f"precompute them with the family's text encoder ({fam.text.encoder})")
+    if getattr(stage.objective, "repa_weight", 0) > 0:
+        raise ValueError(f"stage {stage.name!r}: objective.repa_weight={stage.objective.repa_weight} needs DINOv2 "
+                         "patch features per batch (repa_features), which precompute does not write yet; set "
+                         "objective.repa_weight: 0")
+    return uncond
 
 
 def discover_latents(root: str) -> dict[str, str]:
     """source -> latents folder for every finished precompute output under {root}/data/latents/."""
-    base = storage.join(root, "data", "latents")
-    found = {}
-    for marker in storage.list_files(base, "_SUCCESS", recursive=True):
-        folder = marker[: -len("/_SUCCESS")]
-        found[folder.rstrip("/").rsplit("/", 1)[-1]] = folder
+    found = Layout(root).finished_latents()
     if not found:
-        raise FileNotFoundError(f"no finished latents (…/_SUCCESS) under {base!r}; run precompute first")
+        raise FileNotFoundError(f"no finished latents (…/{layout.MARKER}) under {Layout(root).latents_root!r}; "
+                                "run precompute first")
     return found
 
 
@@ -91,86 +90,106 @@ def _latest_checkpoint(run: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def resolve_init(root: str, stage: StageConfig, model_dict: dict) -> dict[str, Any]:
-    """Worker inputs for the stage's start: nothing (own checkpoint / scratch), a full state, or weights."""
+def resolve_init(root: str, stage: StageConfig, model_dict: dict, family: str = "microdit") -> dict[str, Any]:
+    """Worker inputs for the stage's start: nothing (own checkpoint / scratch), a full state, or weights.
+
+    Weights from `init.path` (an export folder or a released file) are loaded and shape-checked here against
+    the stage's network before any worker starts; a released file is converted once under the stage folder.
+    """
     own = _latest_checkpoint(stage_uri(root, stage.name))
     if own:  # resuming this stage: its own checkpoint wins over `init`; check it before starting workers
-        ckpt.verify(own, check_crc=False)  # sizes here; rank 0 checks CRCs when it loads
+        ckpt.verify(own, hash_all=False)  # signatures here; rank 0 hashes the shards when it loads
         ckpt.check_model_config(own, model_dict)
         # Named explicitly: a checkpoint folder committed just before the driver died is not yet in Ray
         # Train's snapshot, and `get_checkpoint()` alone would then restart the stage from step 0.
         return {"resume_checkpoint": own}
     if stage.init.kind == "scratch":
         return {}
+    if stage.init.path:
+        from pipeline.weights import prepare_init
+
+        work = storage.join(stage_uri(root, stage.name), "init")
+        return {"init_weights": prepare_init(stage.init.path, family, model_dict, work)}
     prev = stage.init.stage
     if not is_done(root, prev):
         raise FileNotFoundError(f"stage {stage.name!r} starts from stage {prev!r}, which has not finished: "
-                                f"{export_uri(root, prev)!r} has no {ckpt.EXPORT_MARKER}; train {prev!r} first")
+                                f"{export_uri(root, prev)!r} has no {layout.MARKER}; train {prev!r} first")
     if stage.init.kind == "weights":
         return {"init_weights": storage.join(export_uri(root, prev), "model.safetensors")}
     final = storage.read_json(storage.join(export_uri(root, prev), "config.json"))["final_checkpoint"]
-    ckpt.verify(final, check_crc=False)
+    ckpt.verify(final, hash_all=False)
     ckpt.check_model_config(final, model_dict)
     return {"init_checkpoint": final}
 
 
-def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mapping[str, str] | None = None, *,
-                vae: str | None = None, text: str | None = None, ray_address: str | None = None) -> str:
+def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, root: str,
+                latents: Mapping[str, str] | None = None, *, encoders: EncodersConfig | dict | None = None,
+                ray_address: str | None = None) -> str:
     """Train one stage on Ray Train and return its export URI ({root}/train/{stage}/export).
 
-    `model`: ModelConfig, preset name or {"preset", **overrides} (input_size and pos_interp_scale are set
-    from the data and the stage); `latents`: source -> latents folder (default: every finished one under
-    {root}/data/latents); `vae`: VAE spec to decode sample grids (None: latent channels shown as RGB);
-    `vae` and `text` (the encoder specs the latents were made with) are recorded in the export's config.json,
-    so `microdit generate` can draw from an export alone.
+    `model`: the plan's model section (family, preset, overrides) or a MicroDiT preset name; the network's
+    latent side and position scale come from the data and the stage. `latents`: source -> latents folder
+    (default: every finished one under {root}/data/latents). `encoders`: the specs the latents were made with;
+    recorded in the export with the family, objective and sampler defaults, so generate and evaluate need
+    nothing but the export (None: sample grids show latent channels as RGB).
     """
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from model.microdit.config import flops_per_sample
-    from pipeline.core.configs import to_dict
     from pipeline.core.ray_cluster import connect
     from pipeline.train.loop import train_loop_per_worker
 
     stage = stage_config(stage)
+    model = ModelSection(preset=model) if isinstance(model, str) else ModelSection.model_validate(model)
+    encoders = EncodersConfig.model_validate(encoders) if encoders is not None else None
     out = export_uri(root, stage.name)
     if is_done(root, stage.name):
         log.info("stage %s already exported at %s", stage.name, out)
         return out
     latents = dict(latents) if latents else discover_latents(root)
-    weights = mixture_weights(latents, stage.mixture, stage.exclude_sources)
+    d = stage.data
+    weights = mixture_weights(latents, d.mixture, d.exclude_sources)
     used = {s: latents[s] for s in weights}
-    latent_shape, caption_shape = source_shapes(next(iter(used.values())), stage.resolution)
-    model_cfg = stage_model_config(resolve_model_config(model), stage, latent_shape, caption_shape)
-    model_dict = json.loads(json.dumps(to_dict(model_cfg)))
-    init = resolve_init(root, stage, model_dict)
+    latent_shape, caption_shape = check_sources(used, d.resolution)  # every file, before any worker
+    fam, model_cfg = stage_model_config(model, stage, latent_shape, caption_shape)
+    model_dict = fam.config_to_dict(model_cfg)
+    uncond = check_objective_inputs(stage, fam, used)
+    init = resolve_init(root, stage, model_dict, fam.name)
 
     connect(ray_address)
     import ray.data
 
-    datasets, shapes = build_datasets(used, stage.resolution, stage.seed, int(stage.cache_dataset_mb * 2**20))
-    captions, prompts = fixed_prompts(next(iter(used.values())), stage.resolution, stage.sample_prompts)
+    datasets, shapes = build_datasets(used, d.resolution, stage.seed, int(d.cache_dataset_mb * 2**20))
+    captions, prompts = fixed_prompts(next(iter(used.values())), d.resolution, stage.sampling.prompts)
     run = stage_uri(root, stage.name)
     if captions:
         storage.write_json(storage.join(run, "samples", "prompts.json"), captions)
+    objective = stage.objective.model_dump(mode="json")
     config = {
-        "stage": to_dict(stage), "model": model_dict, "stage_uri": run, "export_uri": out, "vae": vae,
-        "encoders": {"vae": vae, "text": text},
-        "weights_by_dataset": {dataset_name(s, used): w for s, w in weights.items()},
+        "stage": stage.model_dump(mode="json"), "family": fam.name, "model": model_dict, "stage_uri": run,
+        "export_uri": out, "encoders": encoders.model_dump(mode="json") if encoders else None,
+        "sampler": dataclasses.asdict(fam.sampler), "weights_by_dataset": {dataset_name(s, used): w
+                                                                          for s, w in weights.items()},
         "latent_shape": shapes["latent_shape"], "prompts": prompts,
-        "flops_per_sample": flops_per_sample(model_cfg, stage.mask_ratio), **init,
+        "flops_per_sample": fam.flops_per_sample(model_cfg, objective),
+        "hooks": hooks.spec_from_env(),  # test-only fault injection, when MICRODIT_TRAIN_HOOKS is set
+        # Where the empty prompt's embedding (tokens, width) lies, for caption dropout, sample grids and the
+        # export (every source holds the same one, checked above); None: zeros.
+        "unconditional": next(iter(used.values())) if uncond is not None else None,
+        **init,
     }
-    fs, train_path = storage.filesystem(storage.join(root, "train"))
+    b, c = stage.batch, stage.checkpoint
+    fs, train_path = storage.filesystem(Layout(root).train_root)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu,
-                                     resources_per_worker={"CPU": stage.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=b.num_workers, use_gpu=b.use_gpu,
+                                     resources_per_worker={"CPU": b.cpus_per_worker}),
         run_config=RunConfig(
             name=stage.name, storage_path=train_path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=stage.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=c.keep)),
         datasets=datasets,
         # preserve_order makes the split across workers deterministic, so resumed data order is exact.
         dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True),
@@ -180,9 +199,12 @@ def train_stage(stage: StageConfig | dict, model: Any, root: str, latents: Mappi
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
+        if "CheckpointIntegrityError" in str(e) or "do not fit this stage's model" in str(e):
+            # No retry fixes these: a tampered checkpoint, or weights of another model.
+            raise ValueError(f"stage {stage.name!r} cannot start: {e}") from e
         raise RuntimeError(f"stage {stage.name!r} failed (checkpoints kept under {run!r}; rerun to resume): "
                            f"{e}") from e
     if not is_done(root, stage.name):
-        raise RuntimeError(f"stage {stage.name!r} stopped before its last step (no {ckpt.EXPORT_MARKER} in "
+        raise RuntimeError(f"stage {stage.name!r} stopped before its last step (no {layout.MARKER} in "
                            f"{out!r}); rerun to resume from its latest checkpoint")
     return out

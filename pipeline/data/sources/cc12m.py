@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.core import storage
-from pipeline.data.sources.urls import write_url_table
+from pipeline.data.sources.urls import utf8_column, write_url_table
 
 OUTPUT = "urls"
 
@@ -37,12 +37,18 @@ def run(cfg: CC12MConfig, out_uri: str) -> dict:
             table = pacsv.read_csv(
                 f, read_options=pacsv.ReadOptions(column_names=["url", "caption"]),
                 parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-                convert_options=pacsv.ConvertOptions(column_types={"url": pa.string(), "caption": pa.string()}))
+                # Bytes, not strings: one line that is not UTF-8 must not fail the whole file (decoded below).
+                convert_options=pacsv.ConvertOptions(column_types={"url": pa.binary(), "caption": pa.binary()}))
     except pa.ArrowInvalid as e:
         raise ValueError(f"{cfg.path!r} is not a url<TAB>caption tsv: {e}") from e
     n = table.num_rows
-    table = table.filter(pc.fill_null(pc.starts_with(table["url"], "http"), False))
-    dropped = n - table.num_rows
+    urls, bad_url = utf8_column(table["url"])
+    captions, bad_caption = utf8_column(table["caption"])
+    is_http = pc.fill_null(pc.starts_with(urls, "http"), False)
+    table = pa.table({"url": urls, "caption": captions}).filter(pc.and_(is_http, pa.array(~bad_url)))
+    dropped = n - table.num_rows - int(bad_url.sum())
     if cfg.limit is not None:
         table = table.slice(0, cfg.limit)
-    return write_url_table(table, out_uri, {"source": "cc12m", "lines": n, "dropped_not_http": dropped})
+    return write_url_table(table, out_uri, {"source": "cc12m", "lines": n, "dropped_not_http": dropped,
+                                            "url_not_utf8_skipped": int(bad_url.sum()),
+                                            "caption_not_utf8_replaced": int(bad_caption.sum())})

@@ -23,10 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.core import storage
+from pipeline.core import layout, storage
 from pipeline.core.images import SkipReason, decode_image
 
-SUCCESS = "_SUCCESS"
 REPORT = "_report.json"
 STATS_SUFFIX = "_stats.json"
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -95,8 +94,8 @@ class IngestConfig:
     @classmethod
     def from_download(cls, cfg: Any, **overrides) -> "IngestConfig":
         """The ingest policy matching a DownloadConfig, so both paths produce the same images."""
-        kw = {k: getattr(cfg, k) for k in ("min_side", "max_side", "max_aspect_ratio", "encode_format",
-                                           "encode_quality")}
+        kw = {k: getattr(cfg, k) for k in ("min_side", "max_side", "encode_format", "encode_quality")}
+        kw["max_aspect_ratio"] = cfg.max_aspect_ratio or float("inf")  # None: no limit
         return cls(**{**kw, **overrides})
 
 
@@ -295,7 +294,7 @@ def ingest(tasks: list[ArchiveTask], out_folder: str, policy: IngestConfig, sour
     A rerun skips complete shards; with _SUCCESS present it returns the stored report at once. `finalize(report)`
     runs after the shards and before the marker (for side outputs) and may return more report fields.
     """
-    if storage.exists(storage.join(out_folder, SUCCESS)):
+    if layout.is_complete(out_folder):
         return storage.read_json(storage.join(out_folder, REPORT))
     if not tasks:
         raise FileNotFoundError(f"no input archives found for source {source!r}")
@@ -326,7 +325,7 @@ def ingest(tasks: list[ArchiveTask], out_folder: str, policy: IngestConfig, sour
     if finalize is not None:
         report.update(finalize(report) or {})
     storage.write_json(storage.join(out_folder, REPORT), report)
-    storage.write_bytes(storage.join(out_folder, SUCCESS), b"")
+    layout.mark_complete(out_folder)
     return report
 
 

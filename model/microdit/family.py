@@ -1,0 +1,47 @@
+"""MicroDiT as a model family: EDM objective, Heun sampler, SDXL-VAE latents, DFN5B-CLIP caption states."""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
+from model.microdit.config import PRESETS, ModelConfig, flops_per_sample
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    from model.microdit.network import MicroDiT
+
+    return MicroDiT(cfg)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """Mixer blocks, then backbone blocks."""
+    return list(model.mixer) + list(model.blocks)
+
+
+def fit(cfg: ModelConfig, latent_shape, caption_shape, pos_interp_scale: float) -> ModelConfig:
+    """The network for latents (C, H, W) and captions (L, D): square side from the data, positions scaled."""
+    h = latent_side(cfg, latent_shape, caption_shape, "MicroDiT")
+    return dataclasses.replace(cfg, input_size=h, pos_interp_scale=pos_interp_scale)
+
+
+def training_flops(cfg: ModelConfig, objective: dict) -> float:
+    return flops_per_sample(cfg, objective.get("mask_ratio", 0.0))
+
+
+FAMILY = Family(
+    name="microdit",
+    title="MicroDiT",
+    config_class=ModelConfig,
+    presets=PRESETS,
+    build=build,
+    flops_per_sample=training_flops,
+    shard_units=shard_units,
+    fit=fit,
+    objectives=("edm",),
+    latent=LatentSpec(vae="stabilityai/stable-diffusion-xl-base-1.0", channels=4, downsample=8, scaling_factor=None),
+    text=TextSpec(encoder="hf-hub:apple/DFN5B-CLIP-ViT-H-14-378", tokens=77, width=1024,
+                  padding="open_clip (zeros after EOT)", unconditional="zeros"),
+    sampler=SamplerDefaults(kind="heun", steps=30, guidance=5.0),
+)

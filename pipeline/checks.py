@@ -1,0 +1,41 @@
+"""The edge check of a run plan: what needs the model families and dataset adapters to validate.
+
+`load_run` = read + validate the recipe (pipeline/core/plan) + these checks, so a bad family, preset, model
+override, objective or source option fails when the recipe is read, before any step starts.
+"""
+from __future__ import annotations
+
+import os
+
+from pipeline.core.plan import PlanError, RunConfig, load_recipe
+
+
+def check_run(cfg: RunConfig, where: str = "recipe") -> RunConfig:
+    """Check the plan against the model family and the source adapters; PlanError naming what is wrong."""
+    from model import family as families
+    from pipeline.data import sources
+
+    errors = []
+    try:
+        fam = families.get(cfg.model.family)
+        fam.config(cfg.model.preset, **cfg.model.overrides())
+        for st in cfg.stages:
+            if st.objective.kind not in fam.objectives:
+                errors.append(f"stages.{st.name}.objective.kind = {st.objective.kind!r}: the {fam.name} family "
+                              f"trains with {list(fam.objectives)}")
+    except ValueError as e:
+        errors.append(f"model: {e}")
+    for src in cfg.sources:
+        try:
+            sources.get(src.kind).build(src.options)
+        except (ValueError, TypeError) as e:
+            errors.append(f"sources.{src.name}: {e}")
+    if errors:
+        raise PlanError("\n".join(f"{where}: {e}" for e in errors))
+    return cfg
+
+
+def load_run(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+             storage_base: str | None = None) -> RunConfig:
+    """A recipe read, validated and checked: the plan every entry point (CLI, flows) starts from."""
+    return check_run(load_recipe(path, overrides, storage_base), str(path))

@@ -1,0 +1,60 @@
+"""Driver-side checks of a stage's inputs, before any worker starts: every latent file readable, every schema
+the same tensors of the expected shapes, nothing in it that would run code when read.
+
+A truncated or zero-byte Parquet part, a file whose latent column has another shape, or one written by another
+tool fails here with its file, column and expected shape named, instead of inside Ray workers after retries.
+Parquet columns of an Arrow *extension* type other than ours are refused: Ray registers a pickled-object
+extension type, and reading such a column from storage would unpickle whatever the file holds.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core import schema, storage
+
+
+def _read_schema(uri: str) -> pa.Schema:
+    fs, path = storage.filesystem(uri)
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        size = fs.get_file_info(path).size
+        raise ValueError(f"latent file {uri!r} ({size} bytes) is not a readable Parquet file (truncated or "
+                         f"damaged): {e}; delete it and rerun precompute for this source") from None
+
+
+def _shapes(uri: str, s: pa.Schema, resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        schema.validate(s, [resolution])
+    except ValueError as e:
+        raise ValueError(f"latent file {uri!r}: {e}") from None
+    for field in s:
+        if isinstance(field.type, pa.BaseExtensionType):
+            raise ValueError(f"latent file {uri!r}: column {field.name!r} has extension type "
+                             f"{field.type.extension_name!r}; latent files hold plain Arrow types only")
+    return (schema.field_shape(s.field(schema.latent_column(resolution))),
+            schema.field_shape(s.field(schema.CAPTION_STATES)))
+
+
+def check_sources(latents: Mapping[str, str], resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(latent shape (C, H, W), caption shape (L, D)) shared by every file of every source; ValueError naming the
+    first file that is unreadable or disagrees (its column, its shape and the expected one)."""
+    from pipeline.train.data import parquet_files
+
+    expected, first = None, None
+    for source, uri in latents.items():
+        for f in parquet_files(uri):
+            shapes = _shapes(f, _read_schema(f), resolution)
+            if expected is None:
+                expected, first = shapes, f
+                continue
+            for name, got, want in (("latents_%d" % resolution, shapes[0], expected[0]),
+                                    (schema.CAPTION_STATES, shapes[1], expected[1])):
+                if got != want:
+                    raise ValueError(f"latent file {f!r} (source {source!r}): column {name!r} has shape {got}, "
+                                     f"expected {want} as in {first!r}")
+    assert expected is not None  # parquet_files raises on an empty source
+    return expected

@@ -1,0 +1,64 @@
+"""E-MMDiT's encoders: tiny DC-AE and tiny Llama saved to folders and loaded through the real loading paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import encoders_dcae, encoders_llama
+from model.encoders import load_text_encoder, load_vae, unconditional_caption
+
+
+@pytest.fixture(scope="module")
+def dcae_folder(tmp_path_factory):
+    return encoders_dcae.save_tiny_dcae(tmp_path_factory.mktemp("dcae"))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return encoders_llama.save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def test_tiny_dcae_loads_from_a_folder_and_encodes_deterministically(dcae_folder):
+    vae = load_vae(dcae_folder)
+    assert isinstance(vae, encoders_dcae.DCAE)
+    assert (vae.latent_channels, vae.downsample, vae.scaling_factor) == (4, 4, 0.41407)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    a = vae.encode(x, generator=[torch.Generator().manual_seed(1)] * 2)
+    b = vae.encode(x)
+    assert a.shape == (2, 4, 8, 8) and torch.equal(a, b)  # no posterior: the generator changes nothing
+    ref = load_vae("tiny-dcae")
+    assert torch.equal(ref.encode(x), a)  # the folder holds the same weights as the in-memory spec
+    assert vae.decode(a).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        vae.encode(torch.zeros(1, 3, 30, 30))
+
+
+def test_tiny_llama_pads_with_eos_and_stores_compactly(llama_folder):
+    enc = load_text_encoder(llama_folder)
+    assert isinstance(enc, encoders_llama.LlamaTextEncoder)
+    assert (enc.context_length, enc.width) == (16, 64)
+    caps = ["a large red circle on a white background, center", "", "blue " * 30]
+    ids, lengths = enc.tokenize(caps)
+    assert ids.shape == (3, 16) and lengths.tolist() == [11, 1, 16]
+    assert ids[0, 0] == enc.bos_id and (ids[0, 11:] == enc.eos_id).all() and (ids[1, 1:] == enc.eos_id).all()
+    assert enc.count_tokens(caps) == [11, 1, 31]
+    states, n = enc.encode_with_lengths(caps)
+    assert states.shape == (3, 16, 64) and states.dtype == torch.float32
+    # pad rows are one vector; real rows do not depend on the pads (causal), nor on the batch
+    assert torch.equal(states[0, 11:], enc.pad_state.expand(5, 64))
+    alone = enc.encode(caps[:1])
+    assert torch.allclose(alone, states[:1], atol=1e-6)
+    # the unconditional input is the empty prompt's embedding: BOS row then pads
+    uncond = unconditional_caption(enc)
+    assert torch.equal(uncond, states[1]) and not torch.equal(uncond[0], uncond[1])
+    # configurable length; the in-memory spec holds the same weights and vocabulary as the saved folder
+    long = load_text_encoder("tiny-llama", tokens=32)
+    assert long.context_length == 32
+    assert torch.allclose(long.encode(caps[:1])[:, :16], alone, atol=1e-6)
+
+
+def test_open_clip_keeps_its_fixed_length_and_zero_uncond():
+    enc = load_text_encoder("tiny")
+    assert torch.equal(unconditional_caption(enc), torch.zeros(77, 64))
+    with pytest.raises(ValueError, match="fixed context length 77"):
+        load_text_encoder("tiny", tokens=128)

@@ -1,0 +1,176 @@
+"""Rectified-flow objective, REPA loss, caption dropout and the flow-matching Euler sampler; E-MMDiT learns."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from model.emmdit.config import model_config
+from model.emmdit.network import EMMDiT
+from model.objectives.rectified_flow import (RectifiedFlowConfig, drop_captions, repa_loss, rf_loss, sample_t)
+from model.samplers.euler import EulerSampler, flow_times, guided_velocity, make_noise
+
+
+class Affine(nn.Module):
+    """A fixed 'network': v = a x + b t + caption mean, so the loss can be computed by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.5))
+        self.b = nn.Parameter(torch.tensor(-2.0))
+
+    def forward(self, x, t, caption, return_repa=False):
+        v = self.a * x + self.b * t.view(-1, 1, 1, 1) + caption.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return (v, x.flatten(2).transpose(1, 2)) if return_repa else v
+
+
+def test_rf_loss_equals_a_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    caption = torch.randn(3, 5, 6, generator=gen)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    loss, per, z = rf_loss(Affine(), x0, caption, RectifiedFlowConfig(), t=t, noise=eps)
+    expect = []
+    for i in range(3):
+        xt = (1 - t[i]) * x0[i] + t[i] * eps[i]
+        v = 0.5 * xt - 2.0 * t[i] + caption[i].mean()
+        expect.append(((v - (eps[i] - x0[i])) ** 2).mean())
+    expect = torch.stack(expect)
+    torch.testing.assert_close(per, expect)
+    torch.testing.assert_close(loss, expect.mean())
+    assert z is None
+    _, _, z = rf_loss(Affine(), x0, caption, RectifiedFlowConfig(), t=t, noise=eps, return_repa=True)
+    assert z.shape == (3, 16, 2)
+
+
+def test_rf_loss_draws_from_the_generator():
+    x0, caption, cfg = torch.randn(4, 2, 4, 4), torch.randn(4, 5, 6), RectifiedFlowConfig()
+    a = rf_loss(Affine(), x0, caption, cfg, torch.Generator().manual_seed(5))[0]
+    b = rf_loss(Affine(), x0, caption, cfg, torch.Generator().manual_seed(5))[0]
+    c = rf_loss(Affine(), x0, caption, cfg, torch.Generator().manual_seed(6))[0]
+    assert a == b and a != c
+    with pytest.raises(ValueError, match=r"t must be a scalar or shape \(4,\)"):
+        rf_loss(Affine(), x0, caption, cfg, t=torch.rand(3))
+
+
+def test_logit_normal_times():
+    t = sample_t(20_000, RectifiedFlowConfig(), torch.Generator().manual_seed(0))
+    assert t.dtype == torch.float32 and bool(((t > 0) & (t < 1)).all())
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1.0) < 0.03
+    assert abs(t.median().item() - 0.5) < 0.01
+    shifted = sample_t(20_000, RectifiedFlowConfig(logit_mean=1.0, logit_std=0.5), torch.Generator().manual_seed(0))
+    assert abs(torch.logit(shifted).mean().item() - 1.0) < 0.02
+    with pytest.raises(ValueError, match="logit_std must be > 0, got 0"):
+        RectifiedFlowConfig(logit_std=0)
+
+
+def test_repa_loss_is_minus_cosine():
+    z = torch.randn(2, 5, 8)
+    torch.testing.assert_close(repa_loss(z, 3 * z), torch.tensor(-1.0))
+    torch.testing.assert_close(repa_loss(z, -z), torch.tensor(1.0))
+    feats = torch.randn(2, 5, 8)
+    expect = -(nn.functional.normalize(z, dim=-1) * nn.functional.normalize(feats, dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(repa_loss(z, feats), expect)
+    with pytest.raises(ValueError, match=r"REPA features shape \(2, 4, 8\)"):
+        repa_loss(z, torch.randn(2, 4, 8))
+
+
+def test_drop_captions_uses_the_empty_prompt_embedding():
+    caption, uncond = torch.randn(6, 4, 3), torch.randn(4, 3)
+    assert drop_captions(caption, 0.0, uncond=uncond) is caption
+    dropped = drop_captions(caption, 1.0, uncond=uncond)
+    assert torch.equal(dropped, uncond.expand(6, 4, 3))
+    assert torch.equal(drop_captions(caption, 1.0), torch.zeros_like(caption))  # EDM-compatible default
+    half = drop_captions(caption, 0.5, torch.Generator().manual_seed(0), uncond=uncond[None])
+    kept = [torch.equal(half[i], caption[i]) for i in range(6)]
+    assert all(k or torch.equal(half[i], uncond) for i, k in enumerate(kept)) and 0 < sum(kept) < 6
+    with pytest.raises(ValueError, match=r"uncond shape \(5, 3\)"):
+        drop_captions(caption, 0.1, uncond=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\], got 1.5"):
+        drop_captions(caption, 1.5)
+
+
+def test_flow_times_match_the_release_scheduler():
+    times = flow_times(20)
+    assert times.dtype == torch.float64 and times.shape == (21,)
+    assert times[0] == 1.0 and times[-1] == 0.0
+    torch.testing.assert_close(times[:-1], torch.linspace(1.0, 1e-3, 20, dtype=torch.float64))
+    assert torch.equal(flow_times(4, t_min=0.0)[-2:], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        flow_times(0)
+
+
+def _straight_to(target):
+    """Exact velocity of x_t = (1 - t) target + t eps: v = (x - target) / t, per-sample target (N, C, H, W)."""
+    return lambda x, t, caption: (x - target.to(x)) / t.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+def test_euler_integrates_a_straight_flow_exactly(steps):
+    target = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    noise = make_noise((3, 2, 4, 4), seed=0)
+    out = EulerSampler(steps).sample(_straight_to(target), noise, torch.zeros(3, 5, 6), guidance=None)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, target.float(), rtol=0, atol=1e-6)
+
+
+def test_euler_guidance_batches_cond_and_uncond():
+    cond_target, uncond_target = 1.0, -0.5
+
+    def velocity(x, t, caption):  # caption row mean selects the endpoint: 1 = cond, 0 = uncond
+        target = caption.mean(dim=(1, 2)).view(-1, 1, 1, 1) * (cond_target - uncond_target) + uncond_target
+        assert x.shape[0] == 4  # both branches in one batch
+        return (x - target) / t.view(-1, 1, 1, 1)
+
+    noise = make_noise((2, 1, 2, 2), seed=1)
+    caption, uncond = torch.ones(2, 3, 2), torch.zeros(3, 2)
+    out = EulerSampler(8).sample(velocity, noise, caption, guidance=4.5, uncond=uncond)
+    expect = uncond_target + 4.5 * (cond_target - uncond_target)  # guided flows end at u + g (c - u)
+    torch.testing.assert_close(out, torch.full_like(out, expect), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the unconditional caption"):
+        EulerSampler(2).sample(velocity, noise, caption, guidance=4.5)
+    with pytest.raises(ValueError, match=r"uncond shape \(3, 3\)"):
+        EulerSampler(2).sample(velocity, noise, caption, guidance=4.5, uncond=torch.zeros(3, 3))
+
+
+def test_euler_with_a_network_is_seeded_and_float32():
+    cfg = model_config("EMMDiT_Debug", groups=(1, 1, 1))
+    torch.manual_seed(0)
+    net = EMMDiT(cfg).eval()
+    caption, uncond = torch.randn(2, cfg.caption_len, cfg.caption_dim), torch.zeros(cfg.caption_len, cfg.caption_dim)
+    shape = (2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    sampler = EulerSampler(2)
+    a = sampler.sample(net, make_noise(shape, seed=0), caption, guidance=2.0, uncond=uncond)
+    b = sampler.sample(net, make_noise(shape, seed=0), caption, guidance=2.0, uncond=uncond)
+    assert a.dtype == torch.float32 and a.shape == shape and torch.equal(a, b)
+    step = sampler.step(guided_velocity(net, None), 0, make_noise(shape, 0).double(), caption)
+    assert step.prev_sample.dtype == torch.float64 and step.denoised.shape == shape
+
+
+def test_emmdit_learns_four_pairs():
+    """Debug E-MMDiT on 4 fixed latent/caption pairs: a fixed-noise evaluation loss drops by > 3x."""
+    torch.manual_seed(0)
+    cfg = model_config("EMMDiT_Debug")
+    net = EMMDiT(cfg)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    caption = torch.randn(4, cfg.caption_len, cfg.caption_dim, generator=gen)
+    eval_t, eval_noise = torch.rand(4, generator=gen), torch.randn(latents.shape, generator=gen)
+    rf = RectifiedFlowConfig()
+
+    def evaluate():
+        with torch.no_grad():
+            return rf_loss(net, latents, caption, rf, t=eval_t, noise=eval_noise)[0].item()
+
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0, fused=True)  # fused: fewer CPU ops
+    start, t0 = evaluate(), time.time()
+    for _ in range(100):  # about 2.3 -> 0.54 (4.2x); 16 s on one busy core
+        loss = rf_loss(net, latents, caption, rf, gen)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    end = evaluate()
+    assert end < start / 3, (start, end, time.time() - t0)
