@@ -71,3 +71,15 @@ def test_extension_columns_are_refused_before_reading(source):
             check_sources({"a": source}, 64)
     finally:
         pa.unregister_extension_type("test.opaque")
+
+
+def test_truncated_ray_checkpoint_snapshot_is_named(tmp_path):
+    """A damaged checkpoint_manager_snapshot.json is named on the driver, not left to a raw Ray error."""
+    from pipeline.core.plan import stage_config
+    from pipeline.train.stage import resolve_init
+
+    run = tmp_path / "train" / "s1"
+    run.mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text('"{\\"latest_checkpoint_result\\": {\\"checkpoint_d')
+    with pytest.raises(ValueError, match=r"checkpoint_manager_snapshot.json.*unreadable.*delete it"):
+        resolve_init(str(tmp_path), stage_config({"name": "s1"}), {})

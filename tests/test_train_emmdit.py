@@ -108,3 +108,32 @@ def test_repa_without_features_is_refused_before_ray(data, tmp_path):
     st["objective"]["repa_weight"] = 0.5
     with pytest.raises(ValueError, match="repa_features"):
         train_stage(st, {"family": "emmdit", "preset": "EMMDiT_Debug"}, str(tmp_path), data)
+
+
+def test_fine_tune_from_a_released_emmdit_file(data, tmp_path, ray_address):
+    """Two steps of a real Ray Train stage started from a file in Nitro-E's released layout (safetensors, its
+    tensor names, the persistent position table): the export is those weights moved a little, not a fresh init."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from model import family as families
+    from pipeline.train.stage import train_stage
+
+    fam = families.get("emmdit")
+    torch.manual_seed(5)
+    released = fam.build(fam.config("EMMDiT_Debug"))
+    with torch.no_grad():
+        for p in released.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    state = {k: v.detach().clone().contiguous() for k, v in released.state_dict().items()}
+    assert "pos_embed.pos_embed" in state  # the release stores its sin-cos table
+    path = str(tmp_path / "Nitro-E-debug.safetensors")
+    save_file(state, path)
+    stage = emmdit_stage(name="ft", steps=2, lr=1e-6, schedule={"kind": "constant"}, checkpoint_every=2,
+                         init={"from": "weights", "path": path}, sample_prompts=0)
+    out = train_stage(stage, {"family": "emmdit", "preset": "EMMDiT_Debug"}, str(tmp_path / "run"), data,
+                      encoders={"vae": "tiny-dcae", "text": "tiny-llama"})
+    tuned = load_file(f"{out}/model.safetensors")
+    params = dict(released.named_parameters())
+    moved = max(float((tuned[k] - params[k].detach()).abs().max()) for k in params)
+    assert 0 < moved < 1e-3

@@ -10,6 +10,7 @@ run name and storage) hands the workers the latest checkpoint and training conti
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -81,9 +82,16 @@ def _latest_checkpoint(run: str) -> str | None:
     snap = storage.join(run, "checkpoint_manager_snapshot.json")
     if storage.exists(snap):
         try:
-            name = (storage.read_json(snap).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        except (ValueError, AttributeError):  # an unreadable snapshot: Ray Train itself will say so
-            name = None
+            data = storage.read_json(snap)
+            if isinstance(data, str):  # Ray 2.60 writes it JSON-encoded twice: check the inner document too
+                json.loads(data)
+            name = (data.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") \
+                if isinstance(data, dict) else None  # else: the highest complete checkpoint, below
+        except (ValueError, AttributeError, TypeError) as e:
+            # Ray Train would fail on it with no file named; no retry fixes it.
+            raise ValueError(f"Ray Train's checkpoint snapshot {snap!r} is unreadable (truncated or damaged: "
+                             f"{e}); delete it and rerun: the stage then resumes from its highest complete "
+                             "checkpoint") from None
         if name:
             return storage.join(run, name)
     found = ckpt.checkpoints(run)
