@@ -18,7 +18,7 @@ WORDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow"
 
 
 def emmdit_stage(**overrides) -> dict:
-    st = tiny_stage(steps=6, **overrides)
+    st = tiny_stage(**{"steps": 6, **overrides})
     st["objective"] = {"kind": "rectified_flow", "caption_dropout": 0.25, "repa_weight": 0.0}
     st["sampling"]["guidance"] = 4.5
     return st
