@@ -51,16 +51,7 @@ GPU_LIMITS = {"microdit/stage1_eager": 55, "microdit/stage1_compile": 85, "micro
 DEBUG_LIMITS = {k: 180 for k in GPU_LIMITS} | {"ray/stage": 360}  # loaded shared CPUs
 TOTAL_BUDGET_S = 480
 
-# SDXL's VAE (stabilityai/stable-diffusion-xl-base-1.0 vae/config.json) and DFN5B's text tower (open_clip
-# ViT-H-14 text); the same dicts bench/precompute_throughput.py writes out, repeated so this file stands alone.
-SDXL_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, act_fn="silu", layers_per_block=2, norm_num_groups=32,
-    block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
-)
-DFN5B_TEXT_CONFIG = {"embed_dim": 1024, "quick_gelu": True,
-                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16,
-                                  "layers": 24}}
+from bench.encoder_configs import DFN5B_TEXT_CONFIG, SDXL_VAE_CONFIG  # noqa: E402
 # DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers config.json, as diffusers' conversion script
 # writes it for that checkpoint; written from that script, not read from the hub: check it against the hub's
 # config.json before quoting DC-AE figures). Encode only is timed.
