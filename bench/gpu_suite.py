@@ -11,7 +11,8 @@ that never ends costs only that sub-part: it is recorded as "timeout" or "error:
    per-block torch.compile (as pipeline.train.parallelize.apply_compile); the largest micro-batch of
    --micro-candidates that fits, samples/s, MFU, peak memory.
 2. emmdit: E-MMDiT (EMMDiT_512: latent 32x16x16, caption 128x2048, rectified flow) at the micro-batch of part 1's
-   stage-1 eager measurement.
+   stage-1 eager measurement, and the same network without token compression (`compression=False`: every block
+   on all 256 image tokens) at that micro-batch: compression's speedup.
 3. encoders: images/s (captions/s) of the real architectures with random weights in bf16: SDXL VAE encode at 256
    and 512 px, DFN5B-CLIP text tower, DC-AE f32c32 encode at 512 px, Llama-3.2-1B at 128 tokens.
 4. ray: a real Ray Train stage (world size 1, FSDP2, NCCL; gloo on CPU) on synthetic Parquet latents, its logged
@@ -45,9 +46,9 @@ MICRO_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 DEBUG_MICRO_CANDIDATES = (4, 2)
 
 # Sub-part time limits in seconds on GPU (sum 470 s of the 480 s budget; process start is inside each limit).
-GPU_LIMITS = {"microdit/stage1_eager": 55, "microdit/stage1_compile": 85, "microdit/stage3_eager": 50,
-              "microdit/stage3_compile": 75, "emmdit/512_eager": 45, "encoders": 60, "ray/plain": 25,
-              "ray/stage": 75}
+GPU_LIMITS = {"microdit/stage1_eager": 50, "microdit/stage1_compile": 80, "microdit/stage3_eager": 45,
+              "microdit/stage3_compile": 70, "emmdit/512_eager": 40, "emmdit/512_nocompress": 35, "encoders": 55,
+              "ray/plain": 25, "ray/stage": 70}
 DEBUG_LIMITS = {k: 180 for k in GPU_LIMITS} | {"ray/stage": 360}  # loaded shared CPUs
 TOTAL_BUDGET_S = 480
 
@@ -175,7 +176,7 @@ class Writer:
 
 def train_step_point(family_name: str, preset: str, latent: tuple[int, int, int], caption: tuple[int, int],
                      objective: dict, pos_scale: float, micro: int, compile: bool, device: str,
-                     warmup: int, steps: int) -> dict:
+                     warmup: int, steps: int, overrides: dict | None = None) -> dict:
     """samples/s of loss + backward + AdamW at one micro-batch: bf16 autocast over float32 weights on CUDA,
     float32 on CPU; compile per block like parallelize.apply_compile (inductor on CUDA, eager backend on CPU)."""
     import torch
@@ -185,7 +186,7 @@ def train_step_point(family_name: str, preset: str, latent: tuple[int, int, int]
     from pipeline.train.optim import build_optimizer
 
     fam = families.get(family_name)
-    cfg = fam.fit(fam.config(preset), latent, caption, pos_scale)
+    cfg = fam.fit(fam.config(preset, **(overrides or {})), latent, caption, pos_scale)
     torch.manual_seed(0)
     with torch.device(device):
         net = fam.build(cfg)
@@ -236,7 +237,7 @@ def child_train(args, w: Writer) -> None:
     def measure(micro: int) -> dict:
         return train_step_point(spec["family"], spec["preset"], tuple(spec["latent"]), tuple(spec["caption"]),
                                 spec["objective"], spec.get("pos_scale", 1.0), micro, spec["compile"], device,
-                                spec["warmup"], spec["steps"])
+                                spec["warmup"], spec["steps"], spec.get("overrides"))
 
     micro, point, oom = search_micro_batch(measure, cands, on_oom=lambda: _free(device))
     if point is None:
@@ -499,13 +500,15 @@ def plan(args) -> list[tuple[str, str, Callable[[dict], dict]]]:
     def stage1_micro(r: dict, default: int) -> int:
         return r.get("microdit/stage1_eager", {}).get("micro_batch") or default
 
-    def emmdit(r: dict) -> dict:
+    def emmdit(r: dict, overrides: dict) -> dict:
         m = stage1_micro(r, 2 if d else 64)
         return {"family": "emmdit", "preset": "EMMDiT_Debug" if d else "EMMDiT_512",
                 "latent": [4, 16, 16] if d else [32, 16, 16], "caption": [16, 64] if d else [128, 2048],
                 "objective": {"kind": "rectified_flow"}, "compile": False, "warmup": warm, "steps": steps,
-                "candidates": [m]}
-    out.append(("emmdit/512_eager", "train", emmdit))
+                "candidates": [m], "overrides": overrides}
+    out.append(("emmdit/512_eager", "train", lambda r: emmdit(r, {})))
+    # The same network with every block on all tokens: token compression's measured speedup.
+    out.append(("emmdit/512_nocompress", "train", lambda r: emmdit(r, {"compression": False})))
     out.append(("encoders", "encoders", lambda r: {}))
     ray_steps = 2 if d else args.ray_steps
 
@@ -538,6 +541,8 @@ def markdown(report: dict) -> str:
                      f"{f'{m:.1%}' if m is not None else '-'} | {fmt(p.get('peak_mem_gib'))} | {p['wall_s']:.1f} |")
     ratio = report.get("ray_overhead_ratio")
     lines.append(f"| **Ray stage / plain loop** | | | **{fmt(ratio)}** (target >= 0.9) | | | |")
+    lines.append(f"| **E-MMDiT token compression speedup** | | | **{fmt(report.get('emmdit_compression_speedup'))}** "
+                 f"| | | |")
     enc = parts.get("encoders", {})
     lines += ["", f"Encoders ({enc.get('dtype', '-')}, batch {enc.get('batch', '-')}; part status "
               f"{enc.get('status', '-')}, {enc.get('wall_s', 0):.1f} s):", "",
@@ -576,6 +581,9 @@ def suite(args) -> dict:
     s1, em = parts.get("microdit/stage1_eager", {}), parts.get("emmdit/512_eager", {})
     if s1.get("status") == "ok" and em.get("status") == "ok":
         report["emmdit_over_microdit_stage1_samples"] = em["samples_per_s"] / s1["samples_per_s"]
+    flat = parts.get("emmdit/512_nocompress", {})
+    if em.get("status") == "ok" and flat.get("status") == "ok":
+        report["emmdit_compression_speedup"] = em["samples_per_s"] / flat["samples_per_s"]
     report["wall_s"] = round(time.perf_counter() - start, 2)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
     table = markdown(report)

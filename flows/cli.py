@@ -73,7 +73,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from flows import follow
+    from flows import follow, watch
 
     state_dir = _state(args)
     stack = local_stack.Stack.load(state_dir)
@@ -89,6 +89,8 @@ def cmd_status(args) -> int:
     print(f"deployment server  {'up' if up['serve'] else 'DOWN'}")
     if up["prefect"] and local_stack.prefect_healthy(stack.api_url):
         for line in local_stack._with_env(stack, follow.recent_runs):
+            print(line)
+        for line in local_stack._with_env(stack, watch.status_lines):  # the latest run's steps and figures
             print(line)
     if not all(up.values()):
         raise StackError("part of the local stack is down; `microdit up` starts what is missing")
@@ -189,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(fn=cmd_up)
 
     sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
-    sub.add_parser("status", help="services up? last flow runs").set_defaults(fn=cmd_status)
+    sub.add_parser("status", help="services up? last flow runs; the latest run's steps and their progress") \
+        .set_defaults(fn=cmd_status)
 
     def recipe_args(q):
         q.add_argument("--recipe", default="recipes/tiny.yaml")

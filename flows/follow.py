@@ -1,11 +1,15 @@
-"""Trigger a deployment through the Prefect API and follow its flow run to a final state, printing as it goes."""
+"""Trigger a deployment through the Prefect API and follow its flow run to a final state, printing as it goes.
+
+On a terminal each step with progress gets a live line (flows/watch.py); elsewhere the run's logs, with their
+plain `[progress]` lines, are printed as they come.
+"""
 from __future__ import annotations
 
 import time
 from uuid import UUID
 
 
-def run_and_follow(deployment: str, parameters: dict, poll: float = 2.0, out=print) -> str:
+def run_and_follow(deployment: str, parameters: dict, poll: float = 2.0, out=print, live: bool | None = None) -> str:
     """Create a flow run of `deployment`, print its state changes, task states and logs; return the final state type."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -18,13 +22,28 @@ def run_and_follow(deployment: str, parameters: dict, poll: float = 2.0, out=pri
                              "server (`microdit up`) running?") from None
         run = client.create_flow_run_from_deployment(dep.id, parameters=parameters)
         out(f"flow run {run.name} ({run.id}) of {deployment}")
-        return follow(client, run.id, poll, out)
+        return follow(client, run.id, poll, out, live)
 
 
-def follow(client, flow_run_id: UUID, poll: float = 2.0, out=print) -> str:
-    """Print new logs and state changes of one flow run until it is final; return the final state type."""
+def follow(client, flow_run_id: UUID, poll: float = 2.0, out=print, live: bool | None = None) -> str:
+    """Print new logs and state changes of one flow run until it is final; return the final state type.
+
+    live: one redrawn line per running step (default: when printing to a terminal)."""
+    from flows.watch import LiveLines, live_wanted
+
+    if live is None:
+        live = out is print and live_wanted()
+    if not live:
+        return _follow(client, flow_run_id, poll, out, None)
+    with LiveLines() as view:
+        return _follow(client, flow_run_id, poll, view.print, view)
+
+
+def _follow(client, flow_run_id: UUID, poll: float, out, view) -> str:
     from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
+
+    from flows.watch import read_steps
 
     seen_logs, last_state, task_states = 0, None, {}
     while True:
@@ -43,6 +62,8 @@ def follow(client, flow_run_id: UUID, poll: float = 2.0, out=print) -> str:
             if task_states.get(tr.id) != name:
                 task_states[tr.id] = name
                 out(f"[task] {tr.name}: {name}")
+        if view is not None:
+            view.show(read_steps(client, flow_run_id))
         if state and state.is_final() and len(logs) < 200:
             return state.type.value
         time.sleep(poll)

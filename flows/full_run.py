@@ -87,11 +87,13 @@ def download_and_precompute(cfg: RunConfig, forced: set[str]) -> dict[str, str]:
     for src in cfg.sources:
         shards = run_step(tasks.download_task, "download", forced, [paths.shards(src.name),
                                                                     paths.url_list(src.name)],
-                          source=src, download=cfg.download, root=cfg.storage, code=code_version("download"))
+                          source=src, download=cfg.download, root=cfg.storage, code=code_version("download"),
+                          progress_every=cfg.progress_every)
         latents[src.name] = run_step(
             tasks.precompute_task, "precompute", forced, [paths.latents(src.name)], source=src.name,
             shards_uri=shards, latents_uri=paths.latents(src.name), precompute=cfg.precompute,
-            encoders=cfg.encoders, code=code_version("precompute"), ray_address=ray_address_of(cfg))
+            encoders=cfg.encoders, code=code_version("precompute"), ray_address=ray_address_of(cfg),
+            progress_every=cfg.progress_every)
     return latents
 
 
@@ -100,18 +102,19 @@ def train(cfg: RunConfig, stage: str, latents: dict[str, str], forced: set[str],
     root = root or cfg.storage
     return run_step(tasks.train_task, stage, forced, [Layout(root).stage(stage)],
                     stage=stage_plan or cfg.stage(stage), model=cfg.model, encoders=cfg.encoders, root=root,
-                    latents=latents, code=code_version("train"), ray_address=ray_address_of(cfg))
+                    latents=latents, code=code_version("train"), ray_address=ray_address_of(cfg),
+                    progress_every=cfg.progress_every)
 
 
 def sample(cfg: RunConfig, export: str, out_uri: str, forced: set[str], name: str = "sample") -> str:
     return run_step(tasks.sample_task, name, forced, [out_uri], weights_uri=export,
                     prompts=list(cfg.sample.prompts), out_uri=out_uri, generate=cfg.sample.generate_config(),
-                    code=code_version("sample"))
+                    code=code_version("sample"), progress_every=cfg.progress_every)
 
 
 def evaluate(cfg: RunConfig, export: str, root: str, forced: set[str]) -> str:
     return run_step(tasks.evaluate_task, "evaluate", forced, [Layout(root).eval], weights_uri=export, root=root,
-                    evaluate=cfg.evaluate, code=code_version("evaluate"))
+                    evaluate=cfg.evaluate, code=code_version("evaluate"), progress_every=cfg.progress_every)
 
 
 @flow(name=FLOW, log_prints=True)

@@ -305,3 +305,13 @@ def save_tiny_text_encoder(folder, seed: int = TINY_SEED) -> str:
     os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps({"model_cfg": TINY_MODEL_CFG}, indent=2), encoding="utf-8")
     return str(folder)
+
+
+# ------------------------------------------------------------------------------- REPA feature encoder
+
+
+def load_repa_encoder(spec: str, device="cpu", dtype: torch.dtype = torch.float32):
+    """REPA's image feature encoder by spec: DINOv2 (model/encoders_dino.py lists the specs)."""
+    from model import encoders_dino
+
+    return encoders_dino.load_dino(spec, device, dtype)

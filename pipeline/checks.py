@@ -25,6 +25,10 @@ def check_run(cfg: RunConfig, where: str = "recipe") -> RunConfig:
                               f"trains with {list(fam.objectives)}")
     except ValueError as e:
         errors.append(f"model: {e}")
+    repa = [st.name for st in cfg.stages if getattr(st.objective, "repa_weight", 0) > 0]
+    if repa and cfg.encoders.repa is None:  # precompute would write no features for them to align with
+        errors.append(f"stages {repa} train with REPA (objective.repa_weight > 0) but encoders.repa is not set: "
+                      "name the feature encoder (e.g. dinov2-base) so precompute writes repa_features")
     for src in cfg.sources:
         try:
             sources.get(src.kind).build(src.options)

@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipeline.core import storage
 from pipeline.core.plan import GenerateConfig
+from pipeline.core.progress import Reporter, Sink
 
 WEIGHTS = {False: "model.safetensors", True: "ema.safetensors"}
 CONFIG_NAME = "config.json"
@@ -316,8 +317,11 @@ def _request(weights_uri: str, prompts: list[str], cfg: GenerateConfig, vae_spec
 
 
 def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: GenerateConfig | None = None,
-             vae_spec: str | None = None, text_spec: str | None = None) -> list[str]:
-    """Sample one PNG per prompt (+ grid.png) under out_uri; returns the written file URIs. Idempotent."""
+             vae_spec: str | None = None, text_spec: str | None = None, progress: Sink | None = None,
+             step: str = "sample") -> list[str]:
+    """Sample one PNG per prompt (+ grid.png) under out_uri; returns the written file URIs. Idempotent.
+
+    progress: where records of images done (of the prompts) go while it runs, as `step`."""
     cfg = cfg or GenerateConfig()
     prompts = read_prompts(prompts)
     request = _request(weights_uri, prompts, cfg, vae_spec, text_spec)
@@ -328,6 +332,8 @@ def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: 
             return list(done["files"])
 
     gen = Generator(weights_uri, cfg, vae_spec, text_spec)
+    reporter = Reporter(step, "images", progress, total=len(prompts))
+    reporter.update(0)  # the clock starts: the model is loaded
     files, images = [], []
     for start, batch in gen.batches(prompts):
         for j, image in enumerate(batch):
@@ -337,6 +343,7 @@ def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: 
             files.append(uri)
             if cfg.grid:
                 images.append(image)
+        reporter.update(len(files))
     if cfg.grid:
         grid = make_grid(images, prompts if cfg.grid_captions else None)
         uri = storage.join(out_uri, "grid.png")
@@ -345,6 +352,7 @@ def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: 
         files.append(uri)
     storage.write_json(manifest_uri, {"request": request, "files": files, "provenance": gen.provenance(),
                                       "seeds": gen.seeds(0, len(prompts)), "step": gen.step})
+    reporter.finish(len(prompts))
     return files
 
 

@@ -278,3 +278,27 @@ def test_forward_errors_name_the_value(model, inputs, bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         model(**args)
+
+
+def test_without_compression_every_block_sees_all_tokens():
+    # The baseline the compression speedup is measured against: same blocks, no compressor/reconstructor.
+    assert count(build_meta("EMMDiT_512", compression=False)) == 302_449_952 - 12_979_200 - 3_727_872
+    cfg = model_config("EMMDiT_Debug", compression=False, repa=True)
+    torch.manual_seed(0)
+    model = EMMDiT(cfg).eval()
+    assert model.tokencompressor is None and model.tokenreconstructor is None
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    t, caption = torch.rand(N, generator=gen), torch.randn(N, cfg.caption_len, cfg.caption_dim, generator=gen)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+             for grp in model.block_groups for b in grp]
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        v, z = model(x, t, caption, return_repa=True)
+    for h in hooks:
+        h.remove()
+    assert seen == [cfg.num_patches] * cfg.depth
+    assert v.shape == x.shape and z.shape == (N, cfg.num_patches, cfg.repa_dim)
+    assert flops_per_sample(cfg) == pytest.approx(3 * counter.get_total_flops() / N, rel=0.02)
+    assert flops_per_sample(cfg) > flops_per_sample(model_config("EMMDiT_Debug", repa=True))

@@ -16,6 +16,7 @@ def test_paper_recipe():
     assert (run.model.family, run.model.preset) == ("emmdit", "EMMDiT_512")
     assert run.encoders.vae == "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
     assert run.encoders.text == "meta-llama/Llama-3.2-1B" and run.precompute.max_caption_tokens == 128
+    assert run.encoders.repa == "dinov2-base"
     s1, s2 = run.stages
     for st in (s1, s2):
         assert st.batch.global_batch == 2048 and st.batch.micro_batch * st.batch.num_workers == 2048
@@ -35,7 +36,16 @@ def test_tiny_recipe():
     assert (run.model.family, run.model.preset) == ("emmdit", "EMMDiT_Debug")
     assert (run.encoders.vae, run.encoders.text) == ("tiny-dcae", "tiny-llama")
     assert [s.name for s in run.stages] == ["stage1", "stage2"]
-    assert all(s.objective.repa_weight == 0 and not s.batch.use_gpu for s in run.stages)
+    assert run.encoders.repa == "tiny-dinov2"
+    assert [s.objective.repa_weight for s in run.stages] == [0.5, 0.0]  # REPA in stage 1 only, as the paper
+    assert not any(s.batch.use_gpu for s in run.stages)
+
+
+def test_repa_stage_without_a_feature_encoder_is_refused():
+    with pytest.raises(PlanError, match=r"stages \['stage1'\] train with REPA .* encoders.repa is not set"):
+        load_run(RECIPES / "emmdit_tiny.yaml", ["encoders.repa=null"])
+    run = load_run(RECIPES / "emmdit_tiny.yaml", ["encoders.repa=null", "stages.stage1.objective.repa_weight=0"])
+    assert run.precompute.for_source("synthetic", run.encoders).repa is None
 
 
 def test_edm_stage_on_emmdit_is_refused():

@@ -62,3 +62,38 @@ def test_open_clip_keeps_its_fixed_length_and_zero_uncond():
     assert torch.equal(unconditional_caption(enc), torch.zeros(77, 64))
     with pytest.raises(ValueError, match="fixed context length 77"):
         load_text_encoder("tiny", tokens=128)
+
+
+def test_tiny_dinov2_matches_the_debug_networks_repa_target_and_loads_from_a_folder(tmp_path):
+    """tiny-dinov2 is a transformers Dinov2Model whose patch tokens x width are EMMDiT_Debug's REPA target
+    (group-1 tokens x repa_dim); saved with save_pretrained it loads back through from_pretrained unchanged."""
+    from transformers import Dinov2Model
+
+    from model import encoders_dino
+    from model.emmdit.config import PRESETS
+    from model.encoders import load_repa_encoder
+
+    debug = PRESETS["EMMDiT_Debug"]
+    enc = load_repa_encoder("tiny-dinov2")
+    assert isinstance(enc.model, Dinov2Model)
+    assert enc.shape == (debug.num_patches, debug.repa_dim) == encoders_dino.feature_shape("tiny-dinov2")
+    assert enc.image_size == debug.grid_size * enc.patch_size  # derived: the token grid is the latent grid
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    feats = enc.encode(x)
+    assert feats.shape == (2, 256, 32) and feats.dtype == torch.float32
+    # patch tokens of the last hidden state (after the final LayerNorm), CLS left out, ImageNet-normalised input
+    mean = torch.tensor(encoders_dino.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(encoders_dino.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = enc.model(pixel_values=((x + 1) / 2 - mean) / std).last_hidden_state
+    assert hidden.shape[1] == 257 and torch.equal(feats, hidden[:, 1:])
+    # another input size is resized to the encoder's (here 128 -> 64 px)
+    assert enc.encode(torch.rand(1, 3, 128, 128) * 2 - 1).shape == (1, 256, 32)
+
+    folder = encoders_dino.save_tiny_dinov2(tmp_path / "dino")
+    loaded = load_repa_encoder(folder)
+    assert (loaded.image_size, loaded.shape) == (64, (256, 32))
+    assert encoders_dino.feature_shape(folder) == (256, 32)
+    assert torch.equal(loaded.encode(x), feats)
+    with pytest.raises(ValueError, match="unknown REPA feature encoder 'dinov3'"):
+        load_repa_encoder("dinov3")

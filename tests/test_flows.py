@@ -207,6 +207,47 @@ def test_killed_run_resumes_the_interrupted_stage(interrupted):
     assert saved["stages"][0]["steps"] == STAGE1_STEPS and saved["storage"] == str(interrupted["root"])
 
 
+def test_the_run_is_watchable_in_prefect_and_ray(interrupted, ray_address):
+    """Each step's progress and figures and the report on the flow run pages; the stages' Train runs and their
+    workers in the Ray dashboard (its HTTP API, with the session's token)."""
+    import urllib.request
+
+    import ray
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.local_stack import ray_token_path
+    from flows.watch import read_steps
+    from pipeline.core.ray_cluster import connect
+
+    stages = ("stage1", "stage2", "stage3", "stage4")
+    with get_client(sync_client=True) as client:
+        second = {s.name: s for s in read_steps(client, interrupted["second"])}
+        for name in [f"train-{s}" for s in stages] + ["sample", "evaluate"]:
+            assert second[name].percent == 100.0 and second[name].line.endswith(", done"), second[name]
+        assert "steps" in second["train-stage1"].line and "loss" in second["train-stage1"].line
+        ours = [r.id for r in client.read_flow_runs()
+                if str(interrupted["root"]) in json.dumps(r.parameters, default=str)]
+        first = {s.name: s for rid in ours if str(rid) != str(interrupted["second"]) for s in read_steps(client, rid)}
+        assert first["download-synthetic"].line.endswith(", done") and "images" in first["download-synthetic"].line
+        assert first["precompute-synthetic"].percent == 100.0 and "samples" in first["precompute-synthetic"].line
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[interrupted["second"]])))
+        report = [a for a in artifacts if a.type == "markdown" and a.key == "microdit-report"]
+        assert report and "](data:image/png;base64," in report[0].data and "core-hours" in report[0].data
+        assert any(a.type == "table" and '"stage": "stage4"' in a.data for a in artifacts)
+
+    connect(ray_address)
+    token = ray_token_path().read_text().strip()
+    req = urllib.request.Request(f"http://{ray._private.worker.get_dashboard_url()}/api/train/v2/runs/v1",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        runs = json.loads(r.read())["train_runs"]
+    finished = {run["name"] for run in runs if run["status"] == "FINISHED" and run["attempts"][-1]["workers"]}
+    assert set(stages) <= finished, [(run["name"], run["status"]) for run in runs]
+    # The workers' figures as Ray metrics leave with the workers: tests/test_progress_ray.py reads them live.
+
+
 def code_versions() -> dict[str, str]:
     from flows.caching import STEP_MODULES, code_version
 

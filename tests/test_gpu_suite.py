@@ -66,7 +66,7 @@ def test_debug_suite_runs_every_part(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "gpu_suite.json").read_text())
     expected = {"microdit/stage1_eager", "microdit/stage1_compile", "microdit/stage3_eager",
-                "microdit/stage3_compile", "emmdit/512_eager", "encoders", "ray/plain", "ray/stage"}
+                "microdit/stage3_compile", "emmdit/512_eager", "emmdit/512_nocompress", "encoders", "ray/plain", "ray/stage"}
     assert set(report["parts"]) == expected
     for name, part in report["parts"].items():
         assert part["status"] == "ok", (name, part)
@@ -79,8 +79,9 @@ def test_debug_suite_runs_every_part(tmp_path):
     assert all(encoders[k.replace("_per_s", "_status")] == "ok" for k in per_s)
     # Part 2 ran at part 1's stage-1 micro-batch; part 4 logged a ratio.
     assert report["parts"]["emmdit/512_eager"]["micro_batch"] == report["parts"]["microdit/stage1_eager"]["micro_batch"]
-    assert report["ray_overhead_ratio"] > 0
+    assert report["ray_overhead_ratio"] > 0 and report["emmdit_compression_speedup"] > 0
+    assert report["parts"]["emmdit/512_nocompress"]["params"] < report["parts"]["emmdit/512_eager"]["params"]
     assert report["environment"]["device"] == "cpu" and report["environment"]["torch"] == torch.__version__
     table = (out / "gpu_suite.md").read_text()
-    assert "| microdit/stage1_eager | ok |" in table and "Ray stage / plain loop" in table
+    assert "| microdit/stage1_eager | ok |" in table and "Ray stage / plain loop" in table and "compression speedup" in table
     assert table.strip() in proc.stdout

@@ -126,3 +126,63 @@ def test_prefect_yaml_version_is_the_tested_one():
     cfg = load("prefect.yaml")
     assert cfg["prefect-version"] == importlib.metadata.version("prefect")
     assert pyproject_requirements()["prefect"].specifier.contains(Version(cfg["prefect-version"]))
+
+
+def _ray_schema() -> dict:
+    import json
+
+    import ray
+
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+def test_ray_up_config_validates_against_rays_own_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    cfg = load("ray-cluster.aws.yaml")
+    jsonschema.validate(cfg, _ray_schema())  # the schema `ray up` checks with, shipped in the ray wheel
+    broken = {**cfg, "available_node_types": {**cfg["available_node_types"], "head": {"resources": {"head": "1"}}}}
+    with pytest.raises(jsonschema.ValidationError):  # the check has teeth: a string count, no node_config
+        jsonschema.validate(broken, _ray_schema())
+
+
+def _kuberay_resources(start_params: dict) -> dict:
+    """KubeRay's `rayStartParams.resources`: a JSON object written as a quoted JSON string."""
+    import json
+
+    raw = start_params.get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+def test_cluster_configs_declare_the_node_resources_the_multinode_test_uses():
+    """Without a KubeRay CRD schema offline, the manifest is checked structurally: head and worker groups declare
+    the same custom resources as the ray-up config and the test cluster (tests/multinode.py)."""
+    from multinode import NODE_RESOURCES
+
+    types = load("ray-cluster.aws.yaml")["available_node_types"]
+    head_type = load("ray-cluster.aws.yaml")["head_node_type"]
+    custom = lambda res: {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory")}
+    assert custom(types[head_type]["resources"]) == NODE_RESOURCES["head"]
+    workers = [t for name, t in types.items() if name != head_type]
+    assert workers and all(custom(t["resources"]) == NODE_RESOURCES["worker"] for t in workers)
+
+    spec = load("kuberay-raycluster.yaml")["spec"]
+    assert _kuberay_resources(spec["headGroupSpec"]["rayStartParams"]) == NODE_RESOURCES["head"]
+    groups = spec["workerGroupSpecs"]
+    assert groups and all(_kuberay_resources(g["rayStartParams"]) == NODE_RESOURCES["worker"] for g in groups)
+    for g in groups:  # the structure KubeRay's CRD requires of a worker group
+        assert {"groupName", "rayStartParams", "template"} <= set(g) and g["minReplicas"] <= g["replicas"] \
+            <= g["maxReplicas"]
+        assert all({"name", "image"} <= set(c) for c in g["template"]["spec"]["containers"])
+    assert {"rayStartParams", "template"} <= set(spec["headGroupSpec"])
+
+
+def test_plan_placement_settings_take_custom_resources_only():
+    """`precompute.resources` and `stages.*.batch.resources` (what the cluster configs above label) are typed."""
+    from pipeline.core.plan import PlanError, PrecomputeConfig, StageBatch, validate
+
+    assert PrecomputeConfig().resources == {} and StageBatch().resources == {}
+    assert validate(StageBatch, {"resources": {"worker_node": 1}}, "t").resources == {"worker_node": 1.0}
+    with pytest.raises(PlanError, match="CPU"):
+        validate(StageBatch, {"resources": {"CPU": 1}}, "stage 'x' batch")
+    with pytest.raises(PlanError, match="worker_node"):
+        validate(PrecomputeConfig, {"resources": {"worker_node": 0}}, "precompute")

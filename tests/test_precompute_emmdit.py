@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from model.encoders import load_text_encoder, load_vae
 from pipeline.core import schema
@@ -68,3 +69,55 @@ def test_compact_bytes_per_row_against_full():
     per_c, per_f = c.nbytes / 4, f.nbytes / 4
     assert per_f == tokens * width * 2  # 512 KiB
     assert per_c == 20 * width * 2 + 4  # the caption's rows plus a 4-byte offset
+
+
+@pytest.fixture(scope="module")
+def repa_part(tmp_path_factory):
+    """Two resolutions, one image too small for the larger: its features come from its 32-px crop."""
+    tmp = tmp_path_factory.mktemp("emmdit_repa")
+    members, images = [], [_encode(picture(w, h, seed=i), "PNG") for i, (w, h) in
+                           enumerate([(80, 72), (48, 40), (96, 64)])]
+    for i, data in enumerate(images):
+        members += sample(f"{i:05d}", data, CAPTIONS[0].encode(), ext="png")
+    tar = tmp / "00000.tar"
+    write_tar(tar, members)
+    out = tmp / "latents"
+    cfg = PrecomputeConfig(**{**EMMDIT_TINY, "resolutions": [32, 64], "repa": "tiny-dinov2", "repa_batch_size": 2})
+    precompute_locally({"00000": str(tar)}, str(out), cfg, "src")
+    return images, cfg, pq.read_table(str(out / "part-00000.parquet"))
+
+
+def test_repa_features_are_dinov2_of_the_largest_crop(repa_part):
+    from model.encoders import load_repa_encoder
+    from pipeline.core.images import prepare
+
+    images, cfg, table = repa_part
+    field = table.schema.field(schema.REPA_FEATURES)
+    assert schema.field_shape(field) == (256, 32)  # EMMDiT_Debug's group-1 tokens x repa_dim
+    feats = schema.read_tensor(table, schema.REPA_FEATURES)
+    assert feats.shape == (3, 256, 32) and np.isfinite(feats).all()
+    assert table.column("has_64").to_pylist() == [True, False, True]
+    enc = load_repa_encoder("tiny-dinov2")
+    for i, data in enumerate(images):  # rows are in key order, as the images were written
+        prep = prepare(data, [32, 64])
+        crop = prep.arrays[64] if prep.arrays[64] is not None else prep.arrays[32]
+        want = enc.encode(torch.from_numpy(crop[None])).numpy().astype(np.float16)[0]
+        np.testing.assert_allclose(feats[i], want.astype(np.float32), atol=2e-3, rtol=2e-3)
+    bytes_per_row = table.column(schema.REPA_FEATURES).nbytes / table.num_rows
+    assert bytes_per_row == 256 * 32 * 2
+
+
+def test_repa_encoder_is_part_of_the_fingerprint(repa_part):
+    from pipeline.data.precompute import content_fingerprint
+
+    _, cfg, _ = repa_part
+    assert content_fingerprint(cfg, "src")["repa"] == "tiny-dinov2"
+    assert "repa" not in content_fingerprint(cfg.model_copy(update={"repa": None}), "src")
+
+
+def test_repa_features_at_dinov2_base_size():
+    """Bytes a row at the paper's shape: 256 patch tokens x 768, float16."""
+    field = schema.latent_schema([512], 32, 32, 128, 2048, np.zeros(2048, np.float16), (256, 768)).field(
+        schema.REPA_FEATURES)
+    arr = schema.tensor_array([np.zeros((256, 768), np.float16)] * 2, field)
+    assert arr.nbytes / 2 == 256 * 768 * 2  # 384 KiB

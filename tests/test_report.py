@@ -63,6 +63,10 @@ def test_stage_stats_arithmetic():
     assert stage_stats(rows[2:], {"global_batch": 32}, price=2.0)["input_wait"] is None  # not logged: unknown
     cpu = stage_stats(rows, {"global_batch": 32, "num_workers": 2, "use_gpu": False}, price=2.0)
     assert cpu["gpus"] == 0 and cpu["cost_usd"] == 0.0 and cpu["hours"] == pytest.approx(seconds / 3600)
+    assert cpu["core_hours"] == pytest.approx(seconds / 3600 * 2)  # 2 workers x 1 CPU each (the default)
+    plan_cpu = stage_stats(rows, {"batch": {"global_batch": 32, "num_workers": 2, "use_gpu": False,
+                                            "cpus_per_worker": 0.5}}, price=2.0)
+    assert plan_cpu["core_hours"] == pytest.approx(seconds / 3600) and s["core_hours"] == 0.0
 
 
 def test_report_from_synthetic_run(tmp_path):
@@ -101,6 +105,21 @@ def test_report_from_synthetic_run(tmp_path):
     # Rebuilding with another price rewrites the figures from the same inputs.
     build_report(root, ReportConfig(price_per_gpu_hour=2.0))
     assert f"**${hours * 8 * 2.0:,.2f}**" in open(uri).read()
+
+
+def test_cpu_report_states_core_hours_and_only_what_ran(tmp_path):
+    root = str(tmp_path / "run")
+    write_stage(root, "stage1", steps=20, step_s=90.0, workers=2, batch=8, use_gpu=False)
+    os.makedirs(os.path.join(root, "eval"))
+    with open(os.path.join(root, "eval", "metrics.json"), "w") as f:  # demo only: no FID, no CLIP
+        json.dump({"demo": {"caption_match": 0.5}, "protocol": {"num_images": 30000, "steps": 30}}, f)
+    md = open(build_report(root)).read()
+    assert "**1.00 core-hours**" in md and "GPU-hours" not in md  # 20 steps x 90 s x 2 workers
+    assert "| 2 CPU cores | 1.000 core-h |" in md
+    assert "Demo caption match" in md and "50.00%" in md
+    assert "FID" not in md and "CLIP" not in md and "Protocol" not in md
+    os.remove(os.path.join(root, "eval", "metrics.json"))
+    assert "No evaluation ran." in open(build_report(root)).read()
 
 
 def test_report_bad_inputs(tmp_path):

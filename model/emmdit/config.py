@@ -24,6 +24,9 @@ class EMMDiTConfig:
     freq_dim: int = 256  # sinusoidal timestep frequencies of the shared adaLN-single module
     timestep_scale: float = 1000.0  # the network sees t x 1000 (the release's discrete timestep scale)
     sub_attention: bool = True  # Alternating Subregion Attention; False = full attention in every block
+    # Multi-path token compression around the middle group; False = every block on all tokens (no compressor,
+    # reconstructor or position reinforcement): the plain MM-DiT that the compression speedup is measured against.
+    compression: bool = True
     pos_embed_max_size: int = 96  # side of the stored sin-cos table; the image grid is its centre crop
     repa: bool = False  # build the REPA projector (training only; not part of the inference weights)
     repa_hidden: int = 2048
@@ -46,13 +49,13 @@ class EMMDiTConfig:
         if self.dim % self.head_dim:
             raise ValueError(f"dim={self.dim} is not a multiple of head_dim={self.head_dim}")
         r = max(COMPRESS_RATIOS)
-        if self.dim % (r * r):
+        if self.compression and self.dim % (r * r):
             raise ValueError(f"dim={self.dim}: the {r}x pixel-shuffle reconstruction needs a multiple of {r * r}")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim={self.freq_dim}: expected an even number")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
-        if self.grid_size % r:
+        if self.compression and self.grid_size % r:
             raise ValueError(f"patch grid {self.grid_size}x{self.grid_size} (input_size / patch_size): "
                              f"token compression needs a side divisible by {r}")
         if self.pos_embed_max_size < self.grid_size:
@@ -102,9 +105,9 @@ def attention_schedule(cfg: EMMDiTConfig) -> list[tuple[int, int]]:
 
 
 def image_tokens(cfg: EMMDiTConfig, block: int) -> int:
-    """Image tokens block `block` sees (compressed in the middle group)."""
+    """Image tokens block `block` sees (compressed in the middle group when compression is on)."""
     first, middle, _ = cfg.groups
-    return cfg.compressed_tokens if first <= block < first + middle else cfg.num_patches
+    return cfg.compressed_tokens if cfg.compression and first <= block < first + middle else cfg.num_patches
 
 
 PRESETS: dict[str, EMMDiTConfig] = {
@@ -147,11 +150,12 @@ def flops_per_sample(cfg: EMMDiTConfig) -> float:
     f += 2 * L * cfg.caption_dim * D  # caption projection
     schedule = attention_schedule(cfg)
     f += sum(_block_flops(cfg, image_tokens(cfg, i), s, i == cfg.depth - 1) for i, (s, _) in enumerate(schedule))
-    for r in COMPRESS_RATIOS:
+    for r in COMPRESS_RATIOS if cfg.compression else ():
         t = T // (r * r)
         f += 2 * t * (r * r * D) * D + 2 * t * D * D  # compressor path
         f += 2 * T * (D // (r * r)) * D + 2 * T * D * D  # reconstructor path
-    f += 2 * T * 3 * D * D + 2 * T * D * D  # merger MLP
+    if cfg.compression:
+        f += 2 * T * 3 * D * D + 2 * T * D * D  # merger MLP
     f += 2 * T * D * p2c  # proj_out
     if cfg.repa:
         f += 2 * T * (D * cfg.repa_hidden + cfg.repa_hidden ** 2 + cfg.repa_hidden * cfg.repa_dim)

@@ -67,8 +67,11 @@ class EMMDiT(nn.Module):
             start += size
         self.block_groups = nn.ModuleList(groups)
         # Nested lists: the release keys are tokencompressor.0.0.* and tokenreconstructor.0.0.*.
-        self.tokencompressor = nn.ModuleList([nn.ModuleList([TokenCompressor(D)])])
-        self.tokenreconstructor = nn.ModuleList([nn.ModuleList([TokenReconstructor(D)])])
+        if cfg.compression:
+            self.tokencompressor = nn.ModuleList([nn.ModuleList([TokenCompressor(D)])])
+            self.tokenreconstructor = nn.ModuleList([nn.ModuleList([TokenReconstructor(D)])])
+        else:
+            self.tokencompressor = self.tokenreconstructor = None
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # no timestep modulation
         self.proj_out = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
         self.repa_projector = repa_projector(D, cfg.repa_hidden, cfg.repa_dim) if cfg.repa else None
@@ -116,11 +119,13 @@ class EMMDiT(nn.Module):
         for blk in first:
             h, y = blk(h, y, t6)
         skip = h  # (N, T, D): group-1 output, REPA target tokens and the reconstructor's skip
-        h = self.tokencompressor[0][0](h, g)  # (N, T/4 + T/16, D)
+        if self.tokencompressor is not None:
+            h = self.tokencompressor[0][0](h, g)  # (N, T/4 + T/16, D)
         for blk in middle:
             h, y = blk(h, y, t6)
-        h = self.tokenreconstructor[0][0](h, skip, g)  # (N, T, D)
-        h = h + self.pos_embed.positions()  # Position Reinforcement
+        if self.tokenreconstructor is not None:
+            h = self.tokenreconstructor[0][0](h, skip, g)  # (N, T, D)
+            h = h + self.pos_embed.positions()  # Position Reinforcement
         for blk in last:
             h, y = blk(h, y, t6)  # y is None after the last block
         v = self.unpatchify(self.proj_out(self.norm_out(h)))  # (N, C, H, W)

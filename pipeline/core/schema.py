@@ -14,12 +14,19 @@ in the field metadata (`b"shape": b"[4, 32, 32]"`), so any Arrow reader gets a t
 | latents_<R>           | fixed_size_list<f16>, nullable | VAE latent at R px (C x R/f x R/f), x scaling    |
 | has_<R>               | bool                          | False where the short side was below R           |
 | caption_states        | fixed_size_list<f16>          | text tower token states (77 x width)             |
+| repa_features         | fixed_size_list<f16>          | only with `encoders.repa`: DINOv2 patch features |
+|                       |                               | (tokens x width, 256 x 768 for dinov2-base)      |
 
 Compact caption states (Llama, E-MMDiT): a caption's pad rows are all one vector, so `caption_states` is then a
 variable-length `list<f16>` holding only the caption's own rows (n x width, n <= tokens); the field metadata
 carries the full shape, `b"layout": b"compact"` and the pad row (`b"pad"`: base64 float16 bytes), and
 `read_tensor` re-pads to (tokens x width). A source written so also holds `_unconditional.safetensors` (the
 empty prompt's embedding, `unconditional` (tokens, width), and the pad row `pad` (width,)) beside its parts.
+
+REPA features (E-MMDiT stage 1) come from the crop at the largest of the source's resolutions the image has (the
+same square centre crop every latent is made from), resized to the encoder's input (224 px for dinov2-base, the
+paper's stage-1 512-px image at 224 px). Every written row has them: 256 x 768 float16 = 384 KiB a row, which is
+why training reads the column only for a stage whose objective uses it.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 CAPTION_STATES = "caption_states"
+REPA_FEATURES = "repa_features"  # the batch key the rectified-flow objective reads them under, too
 UNCONDITIONAL_FILE = "_unconditional.safetensors"  # beside a source's parts when its captions have one
 SCALAR_FIELDS = [
     pa.field("key", pa.string(), nullable=False),
@@ -103,8 +111,10 @@ def repad(col: pa.Array, field: pa.Field, dtype=np.float32) -> np.ndarray:
 
 
 def latent_schema(resolutions: Sequence[int], latent_channels: int, downsample: int,
-                  text_tokens: int, text_width: int, text_pad: np.ndarray | None = None) -> pa.Schema:
-    """Schema for rows holding latents at each resolution plus caption states (compact when `text_pad` given)."""
+                  text_tokens: int, text_width: int, text_pad: np.ndarray | None = None,
+                  repa_shape: Sequence[int] | None = None) -> pa.Schema:
+    """Schema for rows holding latents at each resolution plus caption states (compact when `text_pad` given),
+    plus REPA features (tokens, width) when `repa_shape` is given."""
     fields = list(SCALAR_FIELDS)
     for r in resolutions:
         if r % downsample:
@@ -113,6 +123,8 @@ def latent_schema(resolutions: Sequence[int], latent_channels: int, downsample: 
         fields.append(pa.field(has_column(r), pa.bool_(), nullable=False))
     fields.append(tensor_field(CAPTION_STATES, (text_tokens, text_width)) if text_pad is None else
                   compact_tensor_field(CAPTION_STATES, (text_tokens, text_width), text_pad))
+    if repa_shape is not None:
+        fields.append(tensor_field(REPA_FEATURES, repa_shape))
     return pa.schema(fields)
 
 

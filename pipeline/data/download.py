@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core import layout, storage
 from pipeline.core.plan import DownloadConfig
+from pipeline.core.progress import Reporter, Sink
 from pipeline.data.sources.shards import (REPORT, STATS_SUFFIX, IngestConfig, done_shards, failure_reason,
                                           is_retryable, put_file, remove_incomplete, shard_name, tar_bytes)
 from pipeline.data.sources.urls import is_text, utf8_column
@@ -201,7 +202,28 @@ def _hooks(cfg: DownloadConfig) -> dict:
     return {"policy": dataclasses.asdict(policy), "total_timeout": cfg.total_timeout}  # inf travels as Infinity
 
 
-def _run_img2dataset(kwargs: dict, hooks: dict, log_path: str, n_shards: int, what: str, interval: float) -> None:
+class ShardProgress:
+    """Download progress from the finished shards' stats files (each read once: a finished shard never changes)."""
+
+    def __init__(self, reporter: Reporter | None, urls: int, n_shards: int):
+        self.reporter, self.urls, self.n_shards = reporter, urls, n_shards
+        self.stats: dict[str, dict] = {}
+
+    def __call__(self, folder: str) -> None:
+        if self.reporter is None:
+            return
+        done = done_shards(folder)
+        for uri in done.values():
+            if uri not in self.stats:
+                self.stats[uri] = storage.read_json(uri)
+        tried = sum(int(s.get("count", 0)) for s in self.stats.values())
+        ok = sum(int(s.get("successes", 0)) for s in self.stats.values())
+        self.reporter.update(min(tried, self.urls), images=ok, success=f"{ok / tried:.1%}" if tried else "-",
+                             shards=f"{len(done)}/{self.n_shards}")
+
+
+def _run_img2dataset(kwargs: dict, hooks: dict, log_path: str, n_shards: int, what: str, interval: float,
+                     progress: ShardProgress | None = None) -> None:
     """Run img2dataset in a child process, logging shard progress; RuntimeError (with its log tail) on failure."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true",
                PYTHONUNBUFFERED="1")
@@ -215,6 +237,8 @@ def _run_img2dataset(kwargs: dict, hooks: dict, log_path: str, n_shards: int, wh
                 time.sleep(0.2)
                 if time.monotonic() - last >= interval:
                     log.info("%s: %d/%d shards done", what, len(done_shards(folder)), n_shards)
+                    if progress is not None and what == "download":  # retries re-count URLs: main pass only
+                        progress(folder)
                     last = time.monotonic()
         finally:
             if proc.poll() is None:  # interrupted ourselves: do not leave img2dataset running
@@ -229,8 +253,11 @@ def _run_img2dataset(kwargs: dict, hooks: dict, log_path: str, n_shards: int, wh
 
 # -------------------------------------------------------------------------------------------- the step
 
-def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None) -> dict:
-    """Download a URL list into webdataset shards at out_uri; returns the report (stored one if _SUCCESS exists)."""
+def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None, progress: Sink | None = None,
+             step: str = "download") -> dict:
+    """Download a URL list into webdataset shards at out_uri; returns the report (stored one if _SUCCESS exists).
+
+    progress: where records of URLs done (images written, success rate, shards) go while it runs, as `step`."""
     cfg = cfg or DownloadConfig()
     if layout.is_complete(out_uri):
         return storage.read_json(storage.join(out_uri, REPORT))
@@ -240,6 +267,8 @@ def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None)
         raise ValueError(f"URL list {url_list_uri!r} has no non-empty URL in column {cfg.url_col!r}")
     extras = [c for c in table.column_names if c not in ("url", "caption", "row_id")]
     n_main = math.ceil(table.num_rows / cfg.number_sample_per_shard)
+    shard_progress = ShardProgress(Reporter(step, "urls", progress, total=table.num_rows) if progress else None,
+                                   table.num_rows, n_main)
 
     s3 = storage.is_s3(out_uri)
     work = _staging_dir(out_uri, cfg)
@@ -259,7 +288,7 @@ def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None)
     if not set(range(n_main)) <= set(done_shards(main_dir)):
         kwargs = _img2dataset_kwargs(cfg, url_parquet, main_dir, extras)
         _run_img2dataset(kwargs, _hooks(cfg), os.path.join(work, "img2dataset.log"), n_main, "download",
-                         cfg.log_interval)
+                         cfg.log_interval, shard_progress)
     if s3:
         _upload_finished(main_dir, out_uri)
     missing = sorted(set(range(n_main)) - set(done_shards(out_uri)))
@@ -280,6 +309,11 @@ def download(url_list_uri: str, out_uri: str, cfg: DownloadConfig | None = None)
                    "seconds": round(time.time() - start, 3), "config": _json_safe(_as_dict(cfg))})
     storage.write_json(storage.join(out_uri, REPORT), report)
     layout.mark_complete(out_uri)  # last: the output is complete
+    if shard_progress.reporter is not None:  # the end: figures of the whole step, retries included
+        shard_progress.reporter.finish(table.num_rows, images=report["images_written"], failed=report["failed"],
+                                       success=f"{report['images_written'] / max(table.num_rows, 1):.1%}",
+                                       shards=report["shards"], **{f"failed {k}": v for k, v in
+                                                                   report["failures_by_reason"].items()})
     shutil.rmtree(work, ignore_errors=True)
     log.info("download done: %d images, %d failed %s", report["images_written"], report["failed"],
              report["failures_by_reason"])

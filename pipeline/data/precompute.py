@@ -5,8 +5,9 @@ Design (why it is resumable and never duplicates under Ray Data's parallel, unor
   once, atomically (local: temp file + rename; S3: one PUT), with the shard's counts in its Parquet footer. A part
   that exists is complete; a rerun skips its shard and reads its counts back from the footer.
 - Inside a shard the work streams per row, so a 10,000-image shard never has to sit in one object: Ray Data reads
-  shards (tasks), decodes and crops images (CPU tasks), encodes latents and captions (actor pools, on GPUs when the
-  cluster has them), and spools encoded rows to `{out}/_spool/<shard>/<uuid>.parquet` (tasks). Spools are
+  shards (tasks), decodes and crops images (CPU tasks), encodes latents, captions and, with `repa` set, DINOv2
+  features (actor pools, on GPUs when the cluster has them), and spools encoded rows to
+  `{out}/_spool/<shard>/<uuid>.parquet` (tasks). Spools are
   invisible to readers (`_` prefix) and are only ever read through the summaries the driver received, so a
   retried task's orphan spool is never read twice.
 - Every row, skipped or not, reaches the spool writer, and each shard ends with one end row carrying its sample
@@ -37,8 +38,9 @@ import pyarrow.parquet as pq
 
 from pipeline.core import layout, schema, storage
 from pipeline.core.plan import PrecomputeConfig
-from pipeline.data.precompute_stages import (SPOOL_DIR, DecodeImages, EncodeCaptions, EncodeImages, ReadShard,
-                                        SpoolWriter)
+from pipeline.core.progress import Reporter, Sink
+from pipeline.data.precompute_stages import (SPOOL_DIR, DecodeImages, EncodeCaptions, EncodeImages, EncodeRepa,
+                                             ReadShard, SpoolWriter)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def content_fingerprint(cfg: PrecomputeConfig, source: str) -> dict:
     """The settings that decide row content (a resumed run must match them)."""
     out = {k: getattr(cfg, k) for k in CONTENT_FIELDS}
     out["source"] = source
+    if cfg.repa is not None:  # only when set: outputs made before REPA features existed keep their fingerprint
+        out["repa"] = cfg.repa
     return out
 
 
@@ -86,6 +90,10 @@ def encoder_dims(cfg: PrecomputeConfig) -> dict:
     if hasattr(text, "pad_state"):  # compact caption storage: only a caption's own rows are written
         dims["text_pad"] = text.pad_state.cpu().numpy()
         dims["unconditional"] = text.unconditional().cpu().numpy()
+    if cfg.repa is not None:  # from the encoder's configs; its weights load in the actors only
+        from model.encoders_dino import feature_shape
+
+        dims["repa_shape"] = feature_shape(cfg.repa)
     return dims
 
 
@@ -93,7 +101,7 @@ def output_schema(cfg: PrecomputeConfig, dims: dict | None = None) -> pa.Schema:
     """The part files' Parquet schema for the configured encoders and resolutions."""
     dims = dims or encoder_dims(cfg)
     return schema.latent_schema(cfg.resolutions, dims["latent_channels"], dims["downsample"], dims["text_tokens"],
-                                dims["text_width"], dims.get("text_pad"))
+                                dims["text_width"], dims.get("text_pad"), dims.get("repa_shape"))
 
 
 def write_unconditional(out_uri: str, dims: dict) -> str | None:
@@ -176,22 +184,29 @@ def build_dataset(pending: dict[str, str], out_uri: str, cfg: PrecomputeConfig, 
     from ray.data import ActorPoolStrategy
 
     gpu = device == "cuda"
+    placed = {"resources": dict(cfg.resources)} if cfg.resources else {}  # e.g. only on worker nodes
     items = [{"shard": name, "uri": uri} for name, uri in pending.items()]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(ReadShard(cfg.read_batch_rows), batch_size=1, num_cpus=1)
+    ds = ds.map_batches(ReadShard(cfg.read_batch_rows), batch_size=1, num_cpus=1, **placed)
     ds = ds.map_batches(DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions),
-                        batch_size=cfg.decode_batch_rows, num_cpus=1)
+                        batch_size=cfg.decode_batch_rows, num_cpus=1, **placed)
+    if cfg.repa is not None:  # before EncodeImages, which drops the pixels
+        ds = ds.map_batches(EncodeRepa, batch_size=cfg.repa_batch_size * 2,
+                            compute=ActorPoolStrategy(size=cfg.repa_actors),
+                            fn_constructor_kwargs=dict(repa_spec=cfg.repa, resolutions=cfg.resolutions,
+                                                       batch_size=cfg.repa_batch_size, device=device, dtype=dtype),
+                            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.repa_gpus_per_actor if gpu else 0, **placed)
     ds = ds.map_batches(EncodeImages, batch_size=cfg.vae_batch_size * 2, compute=ActorPoolStrategy(size=cfg.vae_actors),
                         fn_constructor_kwargs=dict(vae_spec=cfg.vae, resolutions=cfg.resolutions,
                                                    batch_size=cfg.vae_batch_size, device=device, dtype=dtype,
                                                    seed=cfg.seed),
-                        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.vae_gpus_per_actor if gpu else 0)
+                        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.vae_gpus_per_actor if gpu else 0, **placed)
     ds = ds.map_batches(EncodeCaptions, batch_size=cfg.text_batch_size, compute=ActorPoolStrategy(size=cfg.text_actors),
                         fn_constructor_kwargs=dict(text_spec=cfg.text_encoder, batch_size=cfg.text_batch_size,
                                                    device=device, dtype=dtype, max_tokens=cfg.max_caption_tokens),
-                        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.text_gpus_per_actor if gpu else 0)
+                        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.text_gpus_per_actor if gpu else 0, **placed)
     return ds.map_batches(SpoolWriter(out_uri, source, cfg.resolutions, out_schema), batch_size=cfg.spool_rows,
-                          num_cpus=1)
+                          num_cpus=1, **placed)
 
 
 def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConfig, source: str) -> dict[str, dict]:
@@ -206,12 +221,13 @@ def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConf
     decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
     vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
     text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens)
+    repa = EncodeRepa(cfg.repa, cfg.resolutions, cfg.repa_batch_size, "cpu", "float32") if cfg.repa else (lambda b: b)
     write = SpoolWriter(out_uri, source, cfg.resolutions, out_schema)
     tracker = _ShardTracker(content_fingerprint(cfg, source), shards)
     done = {}
     for name, uri in shards.items():
         for batch in read({"uri": np.array([uri], object), "shard": np.array([name], object)}):
-            summary = write(text(vae(decode(batch))))
+            summary = write(text(vae(repa(decode(batch)))))
             for i in range(len(summary["shard"])):
                 stats = tracker.add({k: v[i] for k, v in summary.items()})
                 if stats is not None:
@@ -233,8 +249,12 @@ def _resolve_device(cfg: PrecomputeConfig) -> tuple[str, str]:
     return device, dtype
 
 
-def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address: str | None = None) -> dict:
-    """Encode every sample of the webdataset shards under `shards_uri` into part Parquet files under `out_uri`."""
+def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address: str | None = None,
+               progress: Sink | None = None, step: str = "precompute") -> dict:
+    """Encode every sample of the webdataset shards under `shards_uri` into part Parquet files under `out_uri`.
+
+    progress: where records of samples done (of the download's image count), skips by reason and shards go, as
+    `step` (Ray Data's own progress bars and the dashboard's Data view show its operators)."""
     import ray
 
     from pipeline.core import ray_cluster
@@ -261,6 +281,9 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
             _check_fingerprint(stats[name].get("fingerprint"), fingerprint, part_uri(out_uri, name))
     storage.delete(storage.join(out_uri, SPOOL_DIR))  # leftovers of a crashed run: never committed, never read
     pending = {n: u for n, u in shards.items() if n not in stats}
+    reporter = Reporter(step, "samples", progress, total=_expected_samples(shards_uri)) if progress else None
+    if reporter is not None:  # at once: the encoders take a while to load before the first batch
+        reporter.update(sum(s["samples"] for s in stats.values()), shards=f"{len(stats)}/{len(shards)}")
     ray_cluster.connect(ray_address)
     device, dtype = _resolve_device(cfg)
     log.info("precompute %s -> %s: %d shards, %d already done, on %s/%s", shards_uri, out_uri, len(shards),
@@ -268,7 +291,7 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
     if pending:
         ds = build_dataset(pending, out_uri, cfg, source, out_schema, device, dtype)
         tracker = _ShardTracker(fingerprint, pending)
-        commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+        commit = ray.remote(num_cpus=0, max_retries=3, resources=dict(cfg.resources))(commit_shard)
         in_flight = []
 
         def finish(refs):
@@ -286,6 +309,8 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
                 while len(in_flight) >= cfg.max_commits_in_flight:
                     ready, in_flight = ray.wait(in_flight, num_returns=1)
                     finish(ready)
+            if reporter is not None:
+                _report_progress(reporter, stats, tracker, len(shards))
         finish(in_flight)
         missing = sorted(set(pending) - set(stats))
         if missing:
@@ -296,7 +321,29 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
     report["elapsed_s"] = round(time.monotonic() - start, 3)
     storage.write_json(report_uri, report)
     layout.mark_complete(out_uri)
+    if reporter is not None:
+        reporter.finish(report["samples_seen"], rows=report["rows_written"], shards=len(shards),
+                        **{f"skipped {k}": v for k, v in report["skipped"].items()})
     return report
+
+
+def _expected_samples(shards_uri: str) -> int | None:
+    """The images the input shards hold, from their producer's report (None when it has none)."""
+    uri = storage.join(shards_uri, "_report.json")
+    return storage.read_json(uri).get("images_written") if storage.exists(uri) else None
+
+
+def _report_progress(reporter: Reporter, stats: dict, tracker: "_ShardTracker", n_shards: int) -> None:
+    """Samples seen (committed shards plus rows of shards in flight), skips by reason, shards committed."""
+    skipped = Counter()
+    for s in stats.values():
+        skipped.update(s["skipped"])
+    for name, c in tracker.skipped.items():
+        if name not in stats:  # a committed shard's skips are in its stats already
+            skipped.update(c)
+    in_flight = sum(n for name, n in tracker.seen.items() if name not in stats)
+    reporter.update(sum(s["samples"] for s in stats.values()) + in_flight, shards=f"{len(stats)}/{n_shards}",
+                    **{f"skipped {k}": v for k, v in sorted(skipped.items())})
 
 
 def _check_fingerprint(found: dict | None, expected: dict, where: str) -> None:

@@ -1,4 +1,4 @@
-"""Ray Data stages of the precompute step: tar shard -> sample rows -> pixels -> latents + caption states -> spool.
+"""Ray Data stages of the precompute step: tar shard -> rows -> pixels -> latents, caption states (+ REPA) -> spool.
 
 Each stage maps a numpy batch (`dict[str, np.ndarray]`) to another. Rows carry their shard's name and a `reason`
 ("" for a usable sample, else the skip reason) so no sample is dropped between stages: skipped rows travel to the
@@ -237,6 +237,41 @@ class EncodeImages:
         return out
 
 
+class EncodeRepa:
+    """Actor: each row's crop at its largest resolution -> REPA's DINOv2 patch features (float16, tokens x width).
+
+    Runs before EncodeImages, which drops the pixels. Every usable row has a crop at some resolution (else it was
+    skipped as too small); all crops are the same square centre crop, so the largest is the sharpest view of what
+    every latent of the row shows. Fixed-size encoder calls, as in EncodeImages.
+    """
+
+    def __init__(self, repa_spec: str, resolutions: list[int], batch_size: int, device: str, dtype: str):
+        import torch
+
+        from model.encoders import load_repa_encoder
+
+        self.torch = torch
+        self.encoder = load_repa_encoder(repa_spec, device, getattr(torch, dtype))
+        self.resolutions, self.batch_size = sorted(resolutions, reverse=True), batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch, enc, ok = self.torch, self.encoder, usable(batch)
+        feats = np.zeros((len(ok), *enc.shape), np.float16)  # (N, T, D)
+        todo = ok.copy()
+        for r in self.resolutions:  # largest first
+            idx = np.flatnonzero(todo & batch[schema.has_column(r)])
+            todo[idx] = False
+            pix = batch[pixel_column(r)]  # (N, 3, R, R) uint8
+            for chunk, pad in _padded_chunks(idx, self.batch_size):
+                x = pix[chunk].astype(np.float32) / 127.5 - 1.0
+                x = np.concatenate([x, np.zeros((pad, 3, r, r), np.float32)]) if pad else x
+                f = enc.encode(torch.from_numpy(x))  # (B, T, D) float32
+                feats[chunk] = f[:len(chunk)].cpu().numpy().astype(np.float16)
+        if todo.any():
+            raise RuntimeError(f"rows {np.flatnonzero(todo).tolist()} are usable but have no crop at any resolution")
+        return {**batch, schema.REPA_FEATURES: feats}
+
+
 class EncodeCaptions:
     """Actor: captions -> text tower token states (float16, 77 x width) and the truncation flag."""
 
@@ -297,6 +332,9 @@ def rows_table(batch: dict[str, np.ndarray], rows: np.ndarray, source: str, reso
                                                 batch["caption_tokens"][rows], field)
     else:
         cols[field.name] = schema.tensor_array(list(batch[schema.CAPTION_STATES][rows]), field)
+    if schema.REPA_FEATURES in out_schema.names:
+        field = out_schema.field(schema.REPA_FEATURES)
+        cols[field.name] = schema.tensor_array(list(batch[schema.REPA_FEATURES][rows]), field)
     return pa.Table.from_arrays([cols[f.name] for f in out_schema], schema=out_schema)
 
 

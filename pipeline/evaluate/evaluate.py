@@ -30,6 +30,7 @@ from PIL import Image
 from pipeline.core import layout, storage
 from pipeline.core.layout import Layout
 from pipeline.core.plan import EvalConfig, GenerateConfig
+from pipeline.core.progress import Reporter, Sink
 from pipeline.data.coco_captions import select_captions
 from pipeline.evaluate.metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
@@ -72,8 +73,11 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sample_to_folder(gen: Generator, prompts: list[str], folder: str) -> list[str]:
-    """PNG per prompt (seed base + i) under folder; images already there are kept (resume)."""
+def sample_to_folder(gen: Generator, prompts: list[str], folder: str, reporter: Reporter | None = None,
+                     before: int = 0) -> list[str]:
+    """PNG per prompt (seed base + i) under folder; images already there are kept (resume).
+
+    reporter: told the images done, counting `before` images of earlier parts of the step."""
     have = set(storage.list_files(folder, ".png"))
     files = [storage.join(folder, image_name(i, gen.cfg.seed + i)) for i in range(len(prompts))]
     todo = [i for i, f in enumerate(files) if f not in have and not storage.exists(f)]
@@ -83,6 +87,8 @@ def sample_to_folder(gen: Generator, prompts: list[str], folder: str) -> list[st
         images = gen.sample([prompts[i] for i in idx], seeds=[gen.cfg.seed + i for i in idx])
         for i, image in zip(idx, images, strict=True):
             storage.write_bytes(files[i], gen.sample_png(image, prompts[i], i))
+        if reporter is not None:
+            reporter.update(before + len(files) - len(todo) + k + len(idx))
     return files
 
 
@@ -96,8 +102,10 @@ def _batches(files: list[str], size: int):
 
 
 def evaluate(weights_uri: str, root_uri: str, cfg: EvalConfig | None = None, vae_spec: str | None = None,
-             text_spec: str | None = None) -> dict:
-    """Measure the weights by the protocol; writes {root}/eval/metrics.json (+ its marker). Idempotent."""
+             text_spec: str | None = None, progress: Sink | None = None, step: str = "evaluate") -> dict:
+    """Measure the weights by the protocol; writes {root}/eval/metrics.json (+ its marker). Idempotent.
+
+    progress: where records of images sampled (demo, then COCO) and, at the end, the metrics go, as `step`."""
     cfg = cfg or EvalConfig()
     paths = Layout(root_uri)
     eval_uri, metrics_uri = paths.eval, paths.metrics
@@ -110,25 +118,34 @@ def evaluate(weights_uri: str, root_uri: str, cfg: EvalConfig | None = None, vae
     metrics: dict = {"protocol": cfg.model_dump(mode="json"), "weights": str(weights_uri)}
     gcfg = GenerateConfig(steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed, batch_size=cfg.batch_size,
                           use_ema=cfg.use_ema, device=cfg.device, grid=False)
+    n_demo = len(cfg.demo_prompts or demo_prompts()) * cfg.demo_seeds if cfg.demo else 0
+    coco = bool(cfg.coco and (cfg.fid or cfg.clip))
+    reporter = Reporter(step, "images", progress, total=n_demo + (cfg.num_images if coco else 0))
+    reporter.update(0)
     if cfg.demo:
-        metrics["demo"] = _demo(weights_uri, eval_uri, cfg, gcfg, vae_spec, text_spec)
-    if cfg.coco and (cfg.fid or cfg.clip):
+        metrics["demo"] = _demo(weights_uri, eval_uri, cfg, gcfg, vae_spec, text_spec, reporter)
+    if coco:
         metrics.update(_coco(weights_uri, eval_uri, cfg, gcfg.model_copy(update={"resolution": cfg.resolution}),
-                             vae_spec, text_spec))
+                             vae_spec, text_spec, reporter, n_demo))
     elif cfg.fid or cfg.clip:
         metrics["skipped"] = {"fid_clip": "no COCO-2014 root given (evaluate.coco)"}
     storage.write_json(metrics_uri, metrics)
     layout.mark_complete(eval_uri, json.dumps(request))  # last: metrics.json is complete for this request
+    figures = {k: round(metrics[k], 3) for k in ("fid", "clip_score") if k in metrics}
+    if "caption_match" in metrics.get("demo", {}):
+        figures["caption match"] = f"{metrics['demo']['caption_match']:.1%}"
+    reporter.finish(reporter.last.done if reporter.last else 0, **figures)
     return metrics
 
 
-def _demo(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec) -> dict:
+def _demo(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec,
+          reporter: Reporter | None = None) -> dict:
     prompts = [p for p in (cfg.demo_prompts or demo_prompts()) for _ in range(cfg.demo_seeds)]
     gen = Generator(weights_uri, gcfg.model_copy(update={"resolution": cfg.demo_resolution}), vae_spec, text_spec)
     folder = storage.join(eval_uri, "demo", _key({"prompts": prompts, "w": gen.weights_sha256,
                                                    "g": gcfg.model_dump(mode="json"),
                                                    "r": gen.resolution}))
-    files = sample_to_folder(gen, prompts, folder)
+    files = sample_to_folder(gen, prompts, folder, reporter)
     images = [_read_png(f) for f in files]
     result = caption_match(images, prompts)
     grid_uri = storage.join(eval_uri, "demo_grid.png")
@@ -136,13 +153,14 @@ def _demo(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec
     return {**result, "samples": folder, "grid": grid_uri, "resolution": gen.resolution}
 
 
-def _coco(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec) -> dict:
+def _coco(weights_uri, eval_uri, cfg: EvalConfig, gcfg: GenerateConfig, vae_spec, text_spec,
+          reporter: Reporter | None = None, before: int = 0) -> dict:
     rows = coco_eval_set(cfg.coco, cfg.num_images, cfg.seed)
     prompts = [r["caption"] for r in rows]
     gen = Generator(weights_uri, gcfg, vae_spec, text_spec)
     folder = storage.join(eval_uri, "samples", _key({"rows": _key(rows), "w": gen.weights_sha256,
                                                      "g": gcfg.model_dump(mode="json")}))
-    files = sample_to_folder(gen, prompts, folder)
+    files = sample_to_folder(gen, prompts, folder, reporter, before)
     del gen  # free the generator before the metric networks load
     device, out = resolve_device(cfg.device), {"num_images": len(rows), "samples": folder}
     if cfg.fid:

@@ -7,7 +7,10 @@ Reads only what the steps left under the run root:
     {root}/train/{stage}/samples/*.png, {root}/samples/grid.png, {root}/eval/metrics.json, eval/demo_grid.png
 and writes {root}/report/report.md, report.html, stats.json and the PNGs they show (copied in, so the folder
 stands alone, on S3 too). Training time of a stage is the sum over logged windows of steps x seconds per step,
-so time lost to a crash before the last checkpoint is not counted; cost = time x GPUs x price per GPU-hour.
+so time lost to a crash before the last checkpoint is not counted; cost = time x GPUs x price per GPU-hour. A
+stage trained on CPUs is counted in core-hours (time x workers x CPUs per worker) and costs nothing here. The
+report states only what ran: a metric that was not computed has no row, and the FID protocol line appears only
+with an FID.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ def stage_fields(stage: dict[str, Any]) -> dict[str, Any]:
     if "batch" not in stage:
         return stage
     return {"global_batch": stage["batch"].get("global_batch"), "num_workers": stage["batch"].get("num_workers"),
-            "use_gpu": stage["batch"].get("use_gpu"), "resolution": stage.get("data", {}).get("resolution"),
+            "use_gpu": stage["batch"].get("use_gpu"), "cpus_per_worker": stage["batch"].get("cpus_per_worker"),
+            "resolution": stage.get("data", {}).get("resolution"),
             "mask_ratio": stage.get("objective", {}).get("mask_ratio")}
 
 
@@ -67,10 +71,13 @@ def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float,
         seconds = float(rows[-1]["time"]) - float(rows[0]["time"])  # wall clock between first and last log
     steps = int(rows[-1]["step"])
     gpus = int(stage.get("num_workers", 1)) if stage.get("use_gpu", True) else 0
+    # A CPU stage's Ray workers each hold `cpus_per_worker` cores (1 when the config does not say).
+    cores = 0.0 if gpus else int(stage.get("num_workers", 1)) * float(stage.get("cpus_per_worker") or 1.0)
     hours = seconds / 3600.0
     losses = [float(r["loss"]) for r in rows if r.get("loss") is not None]
     out = {"steps": steps, "samples": steps * batch if batch else None, "hours": hours, "gpus": gpus,
-           "workers": int(stage.get("num_workers", 1)), "gpu_hours": hours * gpus,
+           "workers": int(stage.get("num_workers", 1)), "gpu_hours": hours * gpus, "cores": cores,
+           "core_hours": hours * cores,
            "cost_usd": hours * gpus * price, "final_loss": sum(losses[-tail:]) / len(losses[-tail:]),
            "first_loss": losses[0], "resolution": stage.get("resolution"), "mask_ratio": stage.get("mask_ratio")}
     out["samples_per_s"] = out["samples"] / seconds if batch and seconds else None
@@ -137,15 +144,19 @@ def _fmt(value, spec: str = ".3f", none: str = "n/a") -> str:
 
 
 def _metrics_rows(metrics: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """A row per metric the run computed (none for what did not run)."""
     m = metrics or {}
     demo = m.get("demo") or {}
-    return [
-        ("FID (COCO-2014 val, %s images)" % m.get("num_images", "-"), _fmt(m.get("fid"), ".2f"),
-         f"{PAPER['fid_22m_real']} (22M real) / {PAPER['fid_37m']} (37M)"),
-        ("CLIP score", _fmt(m.get("clip_score"), ".2f"), "not reported"),
-        ("Demo caption match (colour and shape)", _fmt(demo.get("caption_match"), ".2%"),
-         "n/a (synthetic recipe only)"),
-    ]
+    rows = []
+    if m.get("fid") is not None:
+        rows.append(("FID (COCO-2014 val, %s images)" % m.get("num_images", "-"), _fmt(m["fid"], ".2f"),
+                     f"{PAPER['fid_22m_real']} (22M real) / {PAPER['fid_37m']} (37M)"))
+    if m.get("clip_score") is not None:
+        rows.append(("CLIP score", _fmt(m["clip_score"], ".2f"), "not reported"))
+    if demo.get("caption_match") is not None:
+        rows.append(("Demo caption match (colour and shape)", _fmt(demo["caption_match"], ".2%"),
+                     "n/a (synthetic recipe only)"))
+    return rows
 
 
 def _copy(src: str, report: str, name: str) -> str | None:
@@ -171,7 +182,7 @@ def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
         family = family or exported.get("family")
         stats[name] = stage_stats(series[name], exported.get("stage", {}), cfg.price_per_gpu_hour, cfg.tail)
     totals = {k: sum(s[k] or 0 for s in stats.values()) for k in ("steps", "samples", "hours", "gpu_hours",
-                                                                   "cost_usd")}
+                                                                   "core_hours", "cost_usd")}
     totals["samples_per_s"] = totals["samples"] / (totals["hours"] * 3600) if totals["hours"] else None
     eval_uri = storage.join(root_uri, "eval", "metrics.json")
     metrics = storage.read_json(eval_uri) if storage.exists(eval_uri) else None
@@ -218,25 +229,36 @@ def _last_png(root: str, stage: str) -> str | None:
 
 def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
     price = cfg.price_per_gpu_hour
+    work = (f"{totals['hours']:,.2f} h of training, {totals['steps']:,} steps, {totals['samples']:,} samples, "
+            f"{_fmt(totals['samples_per_s'], ',.1f')} samples/s")
+    if totals["gpu_hours"]:
+        cost = (f"Cost at ${price:.2f} per GPU-hour: **${totals['cost_usd']:,.2f}** for {totals['gpu_hours']:,.2f} "
+                f"GPU-hours ({work})" + (f", plus {totals['core_hours']:,.2f} CPU core-hours" if totals['core_hours']
+                                         else "") + ".")
+    else:  # "0 GPU-hours, $0" would hide what the run used
+        cost = f"CPU run: **{totals['core_hours']:,.2f} core-hours** ({work}); no GPU time to price."
     lines = [f"# {cfg.title}", "",
-             f"Cost at ${price:.2f} per GPU-hour: **${totals['cost_usd']:,.2f}** for {totals['gpu_hours']:,.2f} "
-             f"GPU-hours ({totals['hours']:,.2f} h of training, {totals['steps']:,} steps, "
-             f"{totals['samples']:,} samples, {_fmt(totals['samples_per_s'], ',.1f')} samples/s). Paper: ${PAPER['cost_usd']:,.0f} "
+             f"{cost} Paper: ${PAPER['cost_usd']:,.0f} "
              f"({PAPER['days']} days on {PAPER['gpus']}xH100, about {PAPER['samples_per_s']:,.0f} samples/s).", "",
              "## Stages", "",
-             "| stage | res | mask | steps | samples | hours | GPUs | GPU-hours | cost ($) | samples/s | MFU "
+             "| stage | res | mask | steps | samples | hours | devices | device-hours | cost ($) | samples/s | MFU "
              "| input wait | first loss | final loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in stages:
         s = stats[name]
+        devices, used = (f"{s['gpus']} GPU", f"{s['gpu_hours']:.3f} GPU-h") if s["gpus"] else \
+            (f"{s['cores']:g} CPU cores", f"{s['core_hours']:.3f} core-h")
         lines.append(f"| {name} | {s['resolution'] or '-'} | {_fmt(s['mask_ratio'], '.2f')} | {s['steps']:,} | "
-                     f"{_fmt(s['samples'], ',')} | {s['hours']:.3f} | {s['gpus']} | {s['gpu_hours']:.3f} | "
+                     f"{_fmt(s['samples'], ',')} | {s['hours']:.3f} | {devices} | {used} | "
                      f"{s['cost_usd']:.2f} | {_fmt(s['samples_per_s'], ',.1f')} | {_fmt(s['mfu'], '.1%')} | "
                      f"{_fmt(s['input_wait'], '.0%')} | {s['first_loss']:.4f} | {s['final_loss']:.4f} |")
-    lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", "", "## Metrics", "",
-              "| metric | this run | paper |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in _metrics_rows(metrics)]
-    if metrics and metrics.get("protocol"):
+    lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", "", "## Metrics", ""]
+    rows = _metrics_rows(metrics)
+    if rows:
+        lines += ["| metric | this run | paper |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    else:
+        lines.append("No evaluation ran." if not metrics else "The evaluation computed no metric.")
+    if metrics and metrics.get("protocol") and metrics.get("fid") is not None:  # the protocol is FID's
         p = metrics["protocol"]
         lines += ["", f"Protocol: {p.get('num_images')} COCO-2014 val captions, {p.get('resolution')} px, "
                       f"{p.get('steps')} Heun steps, guidance {p.get('guidance')}, seed {p.get('seed')}, "

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core import schema, storage
@@ -78,8 +79,10 @@ class DecodeLatents:
     """Ray Data stage: flat float16 columns -> {"latents": (N, C, H, W), "caption": (N, L, D)} float16 arrays."""
 
     def __init__(self, resolution: int, latent_shape: tuple[int, ...], caption_shape: tuple[int, ...],
-                 caption_field: pa.Field | None = None):
+                 caption_field: pa.Field | None = None, extras: Mapping[str, tuple[int, ...]] | None = None):
         self.column = schema.latent_column(resolution)
+        # Further tensor columns passed through under their own names (e.g. REPA features): {column: shape}.
+        self.extras = {k: tuple(v) for k, v in (extras or {}).items()}
         self.has = schema.has_column(resolution)
         self.latent_shape, self.caption_shape = tuple(latent_shape), tuple(caption_shape)
         # Compact caption states (Llama): re-padded with the field's pad row, which the driver read from the
@@ -96,13 +99,16 @@ class DecodeLatents:
         return flat.reshape((len(col), *shape))
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        table = table.filter(table.column(self.has))  # 512-px stages: only images at least that large
+        has = table.column(self.has)
+        if has.null_count or not pc.all(has).as_py():  # filtering copies every column: only when rows drop
+            table = table.filter(has)  # 512-px stages: only images at least that large
         if self.caption_field is not None:
             col = table.column(schema.CAPTION_STATES).combine_chunks()
             caption = schema.repad(col, self.caption_field, np.float16)  # (N, L, D)
         else:
             caption = self._flat(table, schema.CAPTION_STATES, self.caption_shape)
-        return {LATENTS: self._flat(table, self.column, self.latent_shape), CAPTION: caption}
+        out = {LATENTS: self._flat(table, self.column, self.latent_shape), CAPTION: caption}
+        return {**out, **{k: self._flat(table, k, shape) for k, shape in self.extras.items()}}
 
 
 def dataset_name(source: str, sources: Mapping[str, Any]) -> str:
@@ -148,11 +154,13 @@ def mixture_weights(latents: Mapping[str, str], mixture: Mapping[str, float],
     return {s: w / total for s, w in sorted(raw.items())}
 
 
-def build_datasets(latents: Mapping[str, str], resolution: int, seed: int,
-                   cache_bytes: int = 0) -> tuple[dict, dict]:
+def build_datasets(latents: Mapping[str, str], resolution: int, seed: int, cache_bytes: int = 0,
+                   extras: Mapping[str, tuple[int, ...]] | None = None) -> tuple[dict, dict]:
     """Ray Datasets per source for the trainer's `datasets=` and the shapes, checked equal across sources.
 
     Sources under `cache_bytes` are materialized (in file order) so epochs after the first read the object store.
+    `extras` ({column: shape}) are read and batched under their column names too; only what the stage's objective
+    uses is read (REPA features are 384 KiB a row at the paper's shape).
     """
     import ray.data
 
@@ -168,9 +176,9 @@ def build_datasets(latents: Mapping[str, str], resolution: int, seed: int,
         paths = [storage.filesystem(f)[1] for f in files]
         ds = ray.data.read_parquet(paths, filesystem=fs)
         ds = ds.select_columns([schema.latent_column(resolution), schema.has_column(resolution),
-                                schema.CAPTION_STATES])
+                                schema.CAPTION_STATES, *(extras or {})])
         # An instance (not the class) runs as plain tasks: the stage holds no heavy state worth an actor.
-        ds = ds.map_batches(DecodeLatents(resolution, *s, caption_field(uri)), batch_format="pyarrow",
+        ds = ds.map_batches(DecodeLatents(resolution, *s, caption_field(uri), extras), batch_format="pyarrow",
                             batch_size=None)
         if cache_bytes and source_bytes(uri) < cache_bytes:
             ds.context.execution_options.preserve_order = True  # the cached block order is the file order
@@ -198,6 +206,12 @@ def fixed_prompts(uri: str, resolution: int, count: int) -> tuple[list[str], np.
     return captions, np.concatenate(states) if states else np.zeros((0,), np.float32)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @dataclass
 class SourcePosition:
     """Where a source's stream stands: epoch number and micro-batches taken from it in that epoch."""
@@ -223,8 +237,10 @@ class MixtureStream:
         shuffle = dict(local_shuffle_buffer_size=self.shuffle_buffer,
                        local_shuffle_seed=(self.seed * 1_000_003 + epoch * 7919 + self.rank) % 2**31) \
             if self.shuffle_buffer else {}
+        # "auto": the Ray Train worker's device, so on a GPU the copy (from pinned memory) runs on Ray's
+        # background fetch thread, overlapping the step, instead of a blocking copy in the loop.
         return iter(self.shards[name].iter_torch_batches(batch_size=self.micro_batch, drop_last=True,
-                                                           device="cpu", **shuffle))
+                                                           device="auto", pin_memory=_cuda(), **shuffle))
 
     def _stream(self, name: str) -> Iterator[dict]:
         pos = self.position[name]

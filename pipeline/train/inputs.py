@@ -58,3 +58,23 @@ def check_sources(latents: Mapping[str, str], resolution: int) -> tuple[tuple[in
                                      f"expected {want} as in {first!r}")
     assert expected is not None  # parquet_files raises on an empty source
     return expected
+
+
+def check_repa_features(latents: Mapping[str, str], shape: tuple[int, ...]) -> None:
+    """Every file of every source holds REPA features of `shape` (the network's group-1 tokens x projector width);
+    ValueError naming the first source and file that lacks the column or holds another shape."""
+    from pipeline.train.data import parquet_files
+
+    name = schema.REPA_FEATURES
+    for source, uri in latents.items():
+        for f in parquet_files(uri):
+            s = _read_schema(f)
+            if name not in s.names:
+                raise ValueError(f"source {source!r} has no {name!r} column in {f!r}: a REPA stage needs DINOv2 "
+                                 "patch features per row; set `encoders.repa` (e.g. dinov2-base) and precompute "
+                                 "this source again into a fresh folder, or set objective.repa_weight: 0")
+            got = schema.field_shape(s.field(name))
+            if tuple(got) != tuple(shape):
+                raise ValueError(f"source {source!r}: column {name!r} of {f!r} has shape {got}, but the network's "
+                                 f"REPA target is {tuple(shape)} (group-1 tokens x repa_dim): precompute with a "
+                                 "feature encoder whose patch grid and width match")

@@ -21,7 +21,7 @@ from pipeline.core.plan import StageConfig, stage_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import hooks as train_hooks
 from pipeline.train.data import MixtureStream
-from pipeline.train.metrics import MetricsLogger, memory_gb, peak_flops
+from pipeline.train.metrics import MetricsLogger, RayGauges, memory_gb, numeric, peak_flops
 from pipeline.train.parallelize import build_mesh, parallelize
 
 
@@ -206,6 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            stage.data.shuffle_buffer, w.rank)
     stream.load_state_dict(t.data)
     logger = MetricsLogger(config["stage_uri"], t.stage_step) if w.rank == 0 else None
+    gauges = RayGauges(ray.train.get_context().get_experiment_name(), w.rank)
     objective = objectives.build(stage.objective.model_dump()).bind(unconditional=unconditional_of(config))
     lr_fn = stage_lr_lambda(stage)
     peak = peak_flops(stage.batch.peak_flops) if w.device.type == "cuda" else None
@@ -224,6 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done = t.stage_step == stage.steps
 
         # metrics, checkpoints, samples
+        row = None
         if t.stage_step % stage.log_every == 0 or done:
             elapsed = time.perf_counter() - window_t
             sps = window_steps * stage.batch.global_batch / max(elapsed, 1e-9)
@@ -235,10 +237,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 row["mfu"] = sps * config["flops_per_sample"] / (peak * w.world)
             if logger:
                 logger.log(row)
+            gauges.set(row)  # this rank's figures (its own input wait, memory) for the dashboard's metrics
             window_t, window_steps, window_data_s = time.perf_counter(), 0, 0.0
         stop = hooks.stop_after(t.stage_step)
         if t.stage_step % stage.checkpoint.every == 0 or done or stop:
-            save_checkpoint(w.app, w.rank, w.world, config, {"step": t.stage_step, "loss": loss})
+            save_checkpoint(w.app, w.rank, w.world, config, {**numeric(row or {}), "step": t.stage_step,
+                                                             "loss": loss})
+        elif row is not None:  # every rank, as Ray Train asks: the run's latest metrics without a checkpoint
+            ray.train.report(numeric(row))
         if stage.sampling.every and t.stage_step % stage.sampling.every == 0 and not done:
             maybe_sample(w.model, w.ema, prompts, objective, stage, config, t.stage_step, w.rank)
         if stop:
@@ -262,10 +268,24 @@ def unconditional_of(config: dict[str, Any]) -> torch.Tensor | None:
     return torch.from_numpy(u)
 
 
+def inference_weights(family: str, model_cfg: dict[str, Any], *states: dict) -> tuple[dict, ...]:
+    """(network config, *state dicts) without training-only parts: a REPA stage's projector is not exported, so
+    the next stage and generate build the inference network (E-MMDiT: repa=False) and load the export strictly."""
+    if not model_cfg.get("repa"):
+        return (model_cfg, *states)
+    from model import family as families
+
+    fam, cfg = families.get(family), {**model_cfg, "repa": False}
+    with torch.device("meta"):
+        keys = set(fam.build(fam.config_from_dict(cfg)).state_dict())
+    return (cfg, *({k: v for k, v in sd.items() if k in keys} for sd in states))
+
+
 def finish(w: Worker, logger: MetricsLogger | None) -> None:
     """Gather full weights and EMA, and (rank 0) write the export with its marker last."""
     model_sd, ema_sd = ckpt.full_state_dicts(w.model, w.ema)
     if w.rank == 0:
+        export_model, model_sd, ema_sd = inference_weights(w.config["family"], w.config["model"], model_sd, ema_sd)
         t, config = w.train, w.config
         final = storage.join(config["stage_uri"], ckpt.checkpoint_dir_name(t.stage_step))
         uncond = unconditional_of(config)
@@ -274,7 +294,7 @@ def finish(w: Worker, logger: MetricsLogger | None) -> None:
             schema.write_unconditional(config["export_uri"], uncond.numpy(), uncond[-1].numpy())
         # Everything needed to use the weights again: family, network, objective constants, encoders, sampler.
         ckpt.export(config["export_uri"], model_sd, ema_sd, {
-            "family": config["family"], "model": config["model"], "objective": config["stage"]["objective"],
+            "family": config["family"], "model": export_model, "objective": config["stage"]["objective"],
             "encoders": config["encoders"], "sampler": config["sampler"], "stage": config["stage"],
             "unconditional": schema.UNCONDITIONAL_FILE if uncond is not None else None,
             "step": t.stage_step,

@@ -15,12 +15,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.core import layout, storage
+from pipeline.core import layout, schema, storage
 from pipeline.core.layout import Layout
 from pipeline.core.plan import EncodersConfig, ModelSection, StageConfig, stage_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import hooks
-from pipeline.train.inputs import check_sources
+from pipeline.train.inputs import check_repa_features, check_sources
 from pipeline.train.data import (build_datasets, dataset_name, fixed_prompts, mixture_weights,
                                  unconditional)
 
@@ -47,24 +47,41 @@ def stage_model_config(model: ModelSection, stage: StageConfig, latent_shape, ca
 
     fam = families.get(model.family)
     base = fam.config(model.preset, **model.overrides())
-    return fam, fam.fit(base, latent_shape, caption_shape, stage.pos_interp_scale)
+    cfg = fam.fit(base, latent_shape, caption_shape, stage.pos_interp_scale)
+    if uses_repa(stage):  # the training-only projector exists only in stages that align with REPA features
+        if not hasattr(cfg, "repa"):
+            raise ValueError(f"stage {stage.name!r}: objective.repa_weight > 0, but the {fam.name} network has no "
+                             "REPA projector")
+        cfg = dataclasses.replace(cfg, repa=True)
+    return fam, cfg
 
 
-def check_objective_inputs(stage: StageConfig, fam, latents: Mapping[str, str]):
+def uses_repa(stage: StageConfig) -> bool:
+    """True when the stage's objective aligns the network with REPA features (repa_weight > 0)."""
+    return getattr(stage.objective, "repa_weight", 0) > 0
+
+
+def repa_target(model_cfg) -> tuple[int, int]:
+    """(tokens, width) the REPA features must have: the network's group-1 image tokens x projector output."""
+    return model_cfg.num_patches, model_cfg.repa_dim
+
+
+def check_objective_inputs(stage: StageConfig, fam, latents: Mapping[str, str], model_cfg=None):
     """The unconditional caption the stage's objective trains with (None: zeros), checked before Ray starts.
 
     A family whose unconditional input is the empty prompt's embedding needs `_unconditional.safetensors` from
-    precompute; REPA needs per-batch DINOv2 features, which precompute does not write yet.
+    precompute; REPA needs per-row DINOv2 features (`repa_features`, precompute with `encoders.repa`) of the
+    network's REPA target shape in every file.
     """
     uncond = unconditional(latents)
     if fam.text.unconditional == "empty_prompt" and uncond is None:
         raise FileNotFoundError(f"the {fam.name} family's unconditional caption is the empty prompt's embedding, but "
                                 f"the latents {sorted(latents.values())} hold no _unconditional.safetensors; "
                                 f"precompute them with the family's text encoder ({fam.text.encoder})")
-    if getattr(stage.objective, "repa_weight", 0) > 0:
-        raise ValueError(f"stage {stage.name!r}: objective.repa_weight={stage.objective.repa_weight} needs DINOv2 "
-                         "patch features per batch (repa_features), which precompute does not write yet; set "
-                         "objective.repa_weight: 0")
+    if uses_repa(stage):
+        if model_cfg is None:
+            raise ValueError(f"stage {stage.name!r}: checking REPA features needs the stage's network config")
+        check_repa_features(latents, repa_target(model_cfg))
     return uncond
 
 
@@ -162,13 +179,14 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
     latent_shape, caption_shape = check_sources(used, d.resolution)  # every file, before any worker
     fam, model_cfg = stage_model_config(model, stage, latent_shape, caption_shape)
     model_dict = fam.config_to_dict(model_cfg)
-    uncond = check_objective_inputs(stage, fam, used)
+    uncond = check_objective_inputs(stage, fam, used, model_cfg)
     init = resolve_init(root, stage, model_dict, fam.name)
 
     connect(ray_address)
     import ray.data
 
-    datasets, shapes = build_datasets(used, d.resolution, stage.seed, int(d.cache_dataset_mb * 2**20))
+    extras = {schema.REPA_FEATURES: repa_target(model_cfg)} if uses_repa(stage) else None  # only when used
+    datasets, shapes = build_datasets(used, d.resolution, stage.seed, int(d.cache_dataset_mb * 2**20), extras)
     captions, prompts = fixed_prompts(next(iter(used.values())), d.resolution, stage.sampling.prompts)
     run = stage_uri(root, stage.name)
     if captions:
@@ -193,7 +211,7 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=b.num_workers, use_gpu=b.use_gpu,
-                                     resources_per_worker={"CPU": b.cpus_per_worker}),
+                                     resources_per_worker={"CPU": b.cpus_per_worker, **b.resources}),
         run_config=RunConfig(
             name=stage.name, storage_path=train_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=c.max_failures),

@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 
 class Section(BaseModel):
     """Base of every plan section: strict types, unknown keys refused, assignments re-validated."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, validate_default=True)
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(resources))
+    if builtin:
+        raise ValueError(f"resources {resources}: {builtin} have their own settings (cpus_per_*, *gpus*); "
+                         "list only custom resources here, e.g. {worker_node: 1}")
+    return resources
+
+
+# Ray custom resources a step's tasks, actors or workers request on top of CPUs/GPUs (placement on labelled nodes).
+CustomResources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_custom_only)]
 
 
 class PlanError(ValueError):

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.core.plan.base import Section
+from pipeline.core.plan.base import CustomResources, Section
 
 # img2dataset 1.47's default opt-out directives (X-Robots-Tag): images served with them are never fetched.
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -28,10 +28,12 @@ class SourceConfig(Section):
 
 
 class EncodersConfig(Section):
-    """Frozen encoders: a VAE spec and a text encoder spec (model/encoders.py lists the accepted specs)."""
+    """Frozen encoders: a VAE spec, a text encoder spec (model/encoders.py lists the accepted specs) and, for REPA,
+    an image feature encoder (model/encoders_dino.py: "dinov2-base", "tiny-dinov2"; None: no features written)."""
 
     vae: str = "stabilityai/stable-diffusion-xl-base-1.0"
     text: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
+    repa: str | None = None
 
 
 class DownloadConfig(Section):
@@ -71,13 +73,16 @@ class DownloadConfig(Section):
 class PrecomputeConfig(Section):
     """What to compute (resolutions, decode limits) and how wide to run it on Ray.
 
-    `vae`, `text_encoder` and `source` are the step's inputs, not recipe settings: the flow fills them from the
-    run's `encoders` section and the source's name (a recipe that sets them is refused, so they have one owner).
+    `vae`, `text_encoder`, `repa` and `source` are the step's inputs, not recipe settings: the flow fills them
+    from the run's `encoders` section and the source's name (a recipe that sets them is refused, so they have one
+    owner). With `repa` set, each row also gets REPA's DINOv2 patch features of the crop at the largest resolution
+    the image has (pipeline/core/schema.py, `repa_features`).
     """
 
     resolutions: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
     vae: str | None = None
     text_encoder: str | None = None
+    repa: str | None = None  # REPA feature encoder spec; None: no `repa_features` column
     source: str | None = None  # dataset name in keys; default: the shard folder's name
     max_caption_tokens: int = Field(77, ge=1)
     seed: int = 0  # posterior samples are seeded per row from (seed, key, resolution)
@@ -88,10 +93,13 @@ class PrecomputeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
     vae_batch_size: int = Field(32, ge=1)
     text_batch_size: int = Field(64, ge=1)
+    repa_batch_size: int = Field(32, ge=1)
     vae_actors: int = Field(1, ge=1)
     text_actors: int = Field(1, ge=1)
+    repa_actors: int = Field(1, ge=1)
     vae_gpus_per_actor: float = Field(0.5, ge=0)  # two encoder actors share one GPU by default
     text_gpus_per_actor: float = Field(0.5, ge=0)
+    repa_gpus_per_actor: float = Field(0.5, ge=0)  # only when `encoders.repa` is set
     cpus_per_actor: float = Field(1.0, gt=0)
     read_batch_rows: int = Field(64, ge=1)  # rows per block leaving the shard reader
     decode_batch_rows: int = Field(16, ge=1)
@@ -99,6 +107,9 @@ class PrecomputeConfig(Section):
     row_group_rows: int = Field(1024, ge=1)  # Parquet row group size; a part file holds one input shard
     max_commits_in_flight: int = Field(4, ge=1)
     require_complete_input: bool = True  # the shard folder must carry the download step's completion marker
+    # Ray custom resources every read/decode/encode/spool task and actor also requests, e.g. {worker_node: 1} to
+    # keep them on nodes that declare that resource (infra/ declares it on worker nodes); {}: anywhere.
+    resources: CustomResources = Field(default_factory=dict)
 
     @field_validator("resolutions")
     @classmethod
@@ -109,4 +120,5 @@ class PrecomputeConfig(Section):
 
     def for_source(self, source: str, encoders: EncodersConfig) -> "PrecomputeConfig":
         """This section as one source's step input: encoders from the run, the source's name."""
-        return self.model_copy(update={"vae": encoders.vae, "text_encoder": encoders.text, "source": source})
+        return self.model_copy(update={"vae": encoders.vae, "text_encoder": encoders.text, "repa": encoders.repa,
+                                       "source": source})

@@ -53,11 +53,13 @@ class RunConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvalConfig | None = None
     report: ReportConfig = Field(default_factory=ReportConfig)
+    # Seconds between progress records of a running step (Prefect artifacts, log lines); its last always goes out.
+    progress_every: float = Field(30.0, ge=0)
 
     @field_validator("precompute")
     @classmethod
     def _encoders_have_one_owner(cls, v: PrecomputeConfig) -> PrecomputeConfig:
-        given = {k: getattr(v, k) for k in ("vae", "text_encoder", "source") if getattr(v, k) is not None}
+        given = {k: getattr(v, k) for k in ("vae", "text_encoder", "repa", "source") if getattr(v, k) is not None}
         if given:
             raise ValueError(f"precompute sets {given}: encoders come from the `encoders` section and the source "
                              "name from `sources`; remove them here")

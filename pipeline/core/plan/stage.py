@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictFloat, model_validator
 
-from pipeline.core.plan.base import PlanError, Section, validate
+from pipeline.core.plan.base import CustomResources, PlanError, Section, validate
 
 
 class StageData(Section):
@@ -54,6 +54,9 @@ class StageBatch(Section):
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     float8: bool = False  # FP8 training of the large block linears (torchao; H100-class GPUs)
     peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None: looked up from the GPU name
+    # Ray custom resources each training worker also requests, e.g. {worker_node: 1} to place the workers on
+    # nodes that declare it (infra/ declares it on worker nodes); {}: anywhere.
+    resources: CustomResources = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _divides(self):
