@@ -2,9 +2,9 @@
 
     python -m bench.input_pipeline --rows 3072 --files 6 --ray-cpus 1 --out input.json
 
-Rows are written in the product's latent schema (`pipeline.core.schema` writers, as precompute writes them:
-snappy, `row_group_rows` per row group): 4x32x32 and 4x64x64 float16 latents and 77x1024 caption states, random
-normal values (latents do not compress either). Then, at one `--resolution`:
+Rows are written in the product's latent schema (`pipeline.core.schema` writers and write options, as precompute
+writes them: snappy, `row_group_rows` per row group): 4x32x32 and 4x64x64 float16 latents and 77x1024 caption
+states, random normal values (latents do not compress either). Then, at one `--resolution`:
 
 - **pyarrow** (the baseline): one process, one thread, `ParquetFile.iter_batches` of the three columns the
   trainer reads, reshaped to numpy (N, C, H, W) and (N, L, D) batches.
@@ -21,6 +21,7 @@ of its local cluster), so a contended machine still gives the cost per core; wal
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -58,7 +59,8 @@ def write_rows(folder: str, rows: int, files: int, row_group_rows: int, seed: in
         caps = rng.standard_normal((n, *CAPTION_SHAPE), dtype=np.float32).astype(np.float16)
         cols[schema.CAPTION_STATES] = schema.tensor_array(list(caps), s.field(schema.CAPTION_STATES))
         path = os.path.join(folder, f"part-{f:05d}.parquet")
-        storage.write_parquet(path, pa.table(cols, schema=s), row_group_size=row_group_rows)
+        storage.write_parquet(path, pa.table(cols, schema=s), row_group_size=row_group_rows,
+                              **schema.parquet_options(s))
         paths.append(path)
     return paths
 
@@ -121,8 +123,10 @@ def pyarrow_read(paths: list[str], resolution: int, batch: int) -> dict:
                                                                             schema.CAPTION_STATES],
                                                    use_threads=False):
             keep = b.column(has_col).to_numpy(zero_copy_only=False)
-            lat = b.column(lat_col).values.to_numpy().reshape(-1, LATENT_CHANNELS, side, side)[keep]
-            cap = b.column(schema.CAPTION_STATES).values.to_numpy().reshape(-1, *CAPTION_SHAPE)[keep]
+            lat = schema.flat_values(b.column(lat_col), LATENT_CHANNELS * side * side).reshape(
+                -1, LATENT_CHANNELS, side, side)[keep]
+            cap = schema.flat_values(b.column(schema.CAPTION_STATES), int(np.prod(CAPTION_SHAPE))).reshape(
+                -1, *CAPTION_SHAPE)[keep]
             rows += len(lat)
             checksum += float(lat[:, 0, 0, 0].sum()) + float(cap[:, 0, 0].sum())  # touch the data
     return _figures(rows, time.perf_counter() - t, time.process_time() - c, resolution)
@@ -153,7 +157,10 @@ def ray_read(folder: str, resolution: int, micro: int, shuffle: int, batches: in
     # the cost per row is the driver's and the tasks'.
     out["rows_per_cpu_s_driver_tasks"] = out["rows"] / (by_role["driver"] + by_role["tasks"])
     out["device"] = str(first["latents"].device)
-    del stream, shard, first  # end the split's iteration before the cluster goes
+    # End the split's iteration before the cluster goes: a Ray Data iterator collected after shutdown reconnects
+    # (auto-init starts a fresh local Ray) and the process then hangs at exit.
+    del stream, shard, first, ds, datasets
+    gc.collect()
     ray.shutdown()
     return out
 

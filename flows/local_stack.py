@@ -276,6 +276,7 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
     stack = Stack.load(state_dir) or Stack(str(state_dir))
     Path(stack.prefect_home).mkdir(parents=True, exist_ok=True)
     logs = state_dir / "logs"
+    restarted = []  # services started anew: the deployment server holds their old addresses in its environment
 
     if not (stack.alive("prefect") and prefect_healthy(stack.api_url)):
         port = pick_port(prefect_port)
@@ -286,6 +287,7 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
                       logs / "prefect.log", env)
         stack.processes["prefect"] = proc
         stack.save()
+        restarted.append("prefect")
         log(f"starting Prefect server on {stack.ui_url} (log {proc.log})")
         _wait(lambda: prefect_healthy(stack.api_url), 180, "prefect server", proc)
 
@@ -299,9 +301,13 @@ def up(state_dir: Path | None = None, *, prefect_port: int = 4200, ray_port: int
         stack.processes["ray"] = proc
         stack.ray_address, stack.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         stack.save()
+        restarted.append("ray")
         log(f"starting Ray head at {stack.ray_address}, dashboard {stack.dashboard_url} (log {proc.log})")
         _wait(lambda: ray_healthy(stack.ray_address), 180, "ray head", proc)
 
+    if restarted and stack.alive("serve"):  # its flows would run against the dead services' addresses
+        log(f"restarting the deployment server: {' and '.join(restarted)} started anew")
+        stack.processes.pop("serve").stop()
     if not stack.alive("serve"):
         since = time.time()
         stack.workdir = str(Path.cwd())

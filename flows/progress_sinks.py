@@ -32,7 +32,8 @@ class LineSink:
 
 
 class PrefectSink:
-    """Inside a task run: a progress artifact per step, a log line per record, a figures table at the end."""
+    """Inside a task run: a progress artifact per step, a log line per record, a figures table at the end.
+    Outside one (a task's `.fn` called directly, as tests and scripts do) it falls back to a plain line."""
 
     def __init__(self):
         self.ids: dict[str, Any] = {}  # step -> its progress artifact's id
@@ -40,7 +41,11 @@ class PrefectSink:
     def __call__(self, p: Progress) -> None:
         from prefect import get_run_logger
         from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+        from prefect.context import FlowRunContext, TaskRunContext
 
+        if TaskRunContext.get() is None and FlowRunContext.get() is None:
+            LineSink()(p)
+            return
         log = get_run_logger()
         log.info(PREFIX + p.line())
         percent = 100.0 * (p.fraction if p.fraction is not None else 0.0)

@@ -124,6 +124,16 @@ def test_up_status_down(tmp_path):
         assert again.returncode == 0 and "starting" not in again.stdout
         assert {k: p.pid for k, p in Stack.load(state).processes.items()} == \
             {k: p.pid for k, p in stack.processes.items()}
+
+        stack.processes["ray"].stop()  # the head dies (a reboot, an OOM kill): `up` starts a new one, and the
+        revived = microdit("up", state=state, timeout=600)  # deployment server anew, on the new head's address
+        assert revived.returncode == 0, revived.stdout + revived.stderr
+        assert "starting Ray head" in revived.stdout and "restarting the deployment server" in revived.stdout
+        new = Stack.load(state)
+        assert new.processes["prefect"].pid == stack.processes["prefect"].pid
+        assert new.processes["serve"].pid != stack.processes["serve"].pid
+        assert not local_stack._group_exists(stack.processes["serve"].pid)
+        stack = new
     finally:
         d = microdit("down", state=state, timeout=300)
     assert d.returncode == 0, d.stderr

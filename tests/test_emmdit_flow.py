@@ -11,6 +11,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "emmdit_tiny.yaml")
 SHRINK = [
+    "encoders.vae=tiny-dcae",  # the real DC-AE code path (the recipe's demo default is the stand-in)
     "sources.synthetic.options.n=48",
     "download.number_sample_per_shard=32",
     "sample.steps=2", "sample.prompts=['a large red circle on a white background, center']",

@@ -1,7 +1,8 @@
 """The `microdit` deployments served by a real process against the fixture Prefect server and Ray head.
 
-One shrunk tiny recipe (few images, a few steps per stage) goes through `prefect deployment run` three times
-and through the `stage` deployment once: a run killed in the middle of stage 1 resumes that stage from its
+One shrunk tiny recipe (few images, a few steps per stage, its first two stages: the chain of all four is
+tests/test_train_chain.py's) goes through `prefect deployment run` three times and through the `stage`
+deployment once: a run killed in the middle of stage 1 resumes that stage from its
 checkpoint, a rerun finds every step cached, and the stage deployment retrains one stage from cached latents.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ SHRINK = [
     "download.number_sample_per_shard=32",
     "sample.steps=2", "sample.prompts=['a large red circle on a white background, center']",
     "evaluate.steps=2", "evaluate.demo_prompts=['a large blue square on a white background, center']",
-] + [o for name, steps, every in (("stage1", STAGE1_STEPS, 2), ("stage2", 2, 2), ("stage3", 2, 2), ("stage4", 2, 2))
+] + [o for name, steps, every in (("stage1", STAGE1_STEPS, 2), ("stage2", 2, 2))
      for o in (f"stages.{name}.steps={steps}", f"stages.{name}.checkpoint.every={every}",
                f"stages.{name}.log_every=1", f"stages.{name}.batch.global_batch=8",
                f"stages.{name}.batch.micro_batch=8", f"stages.{name}.batch.num_workers=1",
@@ -119,6 +120,17 @@ def mtimes(root: Path, *subdirs: str) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for d in subdirs for p in sorted((root / d).rglob("*")) if p.is_file()}
 
 
+def two_stage_recipe(folder: Path) -> str:
+    """The tiny recipe with only its first two stages, written into `folder`; returns its path."""
+    import yaml
+
+    data = yaml.safe_load(Path(RECIPE).read_text())
+    data["stages"] = yaml.safe_load((Path(RECIPE).parent / data["stages"]).read_text())["stages"][:2]
+    path = folder / "tiny_two_stages.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
 def resumable_step(stage_dir: Path) -> int:
     """Step of the checkpoint Ray Train resumes from: the latest one in its manager snapshot (0: none yet).
 
@@ -151,7 +163,7 @@ def interrupted(prefect_server, ray_address, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("flows")
     root = base / "run"
-    params = {"recipe": RECIPE, "overrides": [f"storage={root}", *SHRINK]}
+    params = {"recipe": two_stage_recipe(base), "overrides": [f"storage={root}", *SHRINK]}
     served = Served(base / "serve.log")
     served.start()
     try:
@@ -198,8 +210,7 @@ def test_killed_run_resumes_the_interrupted_stage(interrupted):
     assert interrupted["rows_before"] and rows[-1]["step"] == STAGE1_STEPS
     export = json.loads((stage1 / "export" / "config.json").read_text())
     assert export["step"] == STAGE1_STEPS
-    for name in ("stage2", "stage3", "stage4"):
-        assert states[f"train-{name}"] == "Completed"
+    assert states["train-stage2"] == "Completed" and "train-stage3" not in states
     assert (interrupted["root"] / "samples" / "grid.png").is_file()
     assert (interrupted["root"] / "eval" / "metrics.json").is_file()
     assert states["report"] == "Completed" and (interrupted["root"] / "report" / "report.md").is_file()
@@ -220,7 +231,7 @@ def test_the_run_is_watchable_in_prefect_and_ray(interrupted, ray_address):
     from flows.watch import read_steps
     from pipeline.core.ray_cluster import connect
 
-    stages = ("stage1", "stage2", "stage3", "stage4")
+    stages = ("stage1", "stage2")
     with get_client(sync_client=True) as client:
         second = {s.name: s for s in read_steps(client, interrupted["second"])}
         for name in [f"train-{s}" for s in stages] + ["sample", "evaluate"]:
@@ -235,7 +246,7 @@ def test_the_run_is_watchable_in_prefect_and_ray(interrupted, ray_address):
             flow_run_id=ArtifactFilterFlowRunId(any_=[interrupted["second"]])))
         report = [a for a in artifacts if a.type == "markdown" and a.key == "microdit-report"]
         assert report and "](data:image/png;base64," in report[0].data and "core-hours" in report[0].data
-        assert any(a.type == "table" and '"stage": "stage4"' in a.data for a in artifacts)
+        assert any(a.type == "table" and '"stage": "stage2"' in a.data for a in artifacts)
 
     connect(ray_address)
     token = ray_token_path().read_text().strip()
@@ -270,7 +281,7 @@ def test_second_run_finds_every_step_cached(interrupted):
     assert states and set(states.values()) == {"Cached"}, states
     if edited:  # only possible while someone edits the code under test
         return
-    assert {"download-synthetic", "precompute-synthetic", "train-stage1", "train-stage4", "sample",
+    assert {"download-synthetic", "precompute-synthetic", "train-stage1", "train-stage2", "sample",
             "evaluate", "report"} <= set(states)
     assert mtimes(root, "data", "train", "samples", "eval", "report") == before
 
@@ -284,7 +295,7 @@ def test_stage_deployment_retrains_one_stage_from_cached_latents(interrupted):
     # validated again by Prefect on arrival.
     from pipeline.checks import load_run
 
-    plan = load_run(RECIPE, interrupted["params"]["overrides"] + ["stages.stage2.steps=3"])
+    plan = load_run(interrupted["params"]["recipe"], interrupted["params"]["overrides"] + ["stages.stage2.steps=3"])
     run_id = finished(deployment_run("microdit/stage", {"stage": "stage2", "plan": plan.to_dict()}))
     states = task_states(run_id)
     assert states == {"train-stage2": "Completed", "sample": "Completed"}, states

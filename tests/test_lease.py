@@ -51,9 +51,18 @@ def test_stale_heartbeat_expires():
 def test_lease_on_s3(s3_endpoint, s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     root = f"s3://{s3_bucket}/lease-run"
-    with lease.hold(root, "a", ttl=5, settle=0.05):
+    with lease.hold(root, "a", ttl=30, settle=0.05):  # a long ttl: a loaded machine never makes "a" stale
         assert storage.exists(f"{root}/{lease.LEASE}")
         with pytest.raises(lease.RootBusy, match="'a'"):
-            with lease.hold(root, "b", ttl=5, wait=0.2, settle=0.05):
+            with lease.hold(root, "b", ttl=30, wait=0.2, settle=0.05):
                 pass
     assert not storage.exists(f"{root}/{lease.LEASE}")
+
+
+def test_a_storage_error_is_not_read_as_no_lease(tmp_path):
+    """Only a missing lease means a free root: a failed read (here a directory where the lease should be) is
+    retried, then raised, never taken as "no lease" (which would let a second run in beside a live one)."""
+    (tmp_path / lease.LEASE).mkdir()
+    with pytest.raises(OSError) as err:
+        lease._read(str(tmp_path / lease.LEASE), tries=2)
+    assert not isinstance(err.value, FileNotFoundError)

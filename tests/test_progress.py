@@ -60,6 +60,13 @@ def test_line_sink_prints_one_plain_line_per_record():
     assert lines[-1].endswith("done") and "\x1b" not in out.getvalue()  # no escape codes off a TTY
 
 
+def test_prefect_sink_outside_a_run_prints_a_plain_line(capsys):
+    from flows.progress_sinks import PrefectSink
+
+    PrefectSink()(Progress("download-demo", 3, 6, "images"))  # a task's .fn called directly: no run context
+    assert capsys.readouterr().err == "[progress] download-demo: 3/6 images (50%)\n"
+
+
 def test_training_progress_is_read_back_from_metrics_jsonl(tmp_path):
     from pipeline.train.metrics import MetricsLogger, follow_metrics
 

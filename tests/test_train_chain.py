@@ -1,5 +1,6 @@
-"""Stages 1 -> 2 -> 3 -> 4 of the tiny recipe's shape, chained on moto S3: full state carried on, then weights
-only into the 128-px model with positions rebuilt at scale 2, then full state again."""
+"""Stages 1 -> 2 -> 3 of the tiny recipe's shape, chained on moto S3: full state carried on, then weights only
+into the 128-px model with positions rebuilt at scale 2 (stage 4 repeats stage 2's kind of start at 128 px, so the
+chain stops at 3: each stage here costs a Ray Train start)."""
 from __future__ import annotations
 
 import json
@@ -24,8 +25,6 @@ def _stages() -> list[dict]:
         tiny_stage(name="c3", resolution=128, mask_ratio=0.5, init={"from": "weights", "stage": "c2"},
                    schedule={"kind": "constant", "warmup_steps": 1}, lr=1e-6, p_mean=0.0, p_std=0.6,
                    **common),
-        tiny_stage(name="c4", resolution=128, mask_ratio=0.0, init={"from": "full_state", "stage": "c3"},
-                   schedule={"kind": "constant"}, p_mean=0.0, p_std=0.6, **common),
     ]
 
 
@@ -58,13 +57,13 @@ def test_four_stages_chain_on_s3(ray_address, s3_endpoint, s3_bucket, monkeypatc
     finally:
         ray.shutdown()
 
-    assert exports == [f"{root}/train/c{i}/export" for i in range(1, 5)]
+    assert exports == [f"{root}/train/c{i}/export" for i in range(1, 4)]
     configs = [storage.read_json(f"{e}/config.json") for e in exports]
-    assert [c["global_step"] for c in configs] == [3, 6, 3, 6]  # full state carries the step on
-    assert [c["model"]["input_size"] for c in configs] == [16, 16, 32, 32]
-    assert [c["model"]["pos_interp_scale"] for c in configs] == [1.0, 1.0, 2.0, 2.0]
+    assert [c["global_step"] for c in configs] == [3, 6, 3]  # full state carries the step on; weights restart it
+    assert [c["model"]["input_size"] for c in configs] == [16, 16, 32]
+    assert [c["model"]["pos_interp_scale"] for c in configs] == [1.0, 1.0, 2.0]
     assert configs[2]["final_checkpoint"].startswith(f"{root}/train/c3/checkpoint_")
-    for i in range(1, 5):
+    for i in range(1, 4):
         assert storage.list_files(f"{root}/train/c{i}/samples", ".png")
         assert storage.list_files(f"{root}/train/c{i}/checkpoint_000000003", ".distcp")
         assert len(storage.read_bytes(f"{root}/train/c{i}/metrics.jsonl").decode().splitlines()) == 1
@@ -75,8 +74,6 @@ def test_four_stages_chain_on_s3(ray_address, s3_endpoint, s3_bucket, monkeypatc
     fresh = MicroDiT(ModelConfig(**configs[2]["model"])).state_dict()
     max_diff = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in a)
     assert max_diff(w3, w2) < 1e-4 < 1e-2 < max_diff(w2, fresh)
-    # Stage 4 continued stage 3's state, then trained at lr 3e-3: its weights moved on from stage 3's.
-    assert max_diff(_weights(f"{exports[3]}/model.safetensors"), w3) > 1e-3
     # The 128-px model loads the 64-px weights strictly; only its position buffer differs.
     model = MicroDiT(ModelConfig(**configs[2]["model"]))
     model.load_state_dict(w2, strict=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -26,11 +27,19 @@ class RootBusy(RuntimeError):
     """Another live run holds the storage root."""
 
 
-def _read(uri: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (FileNotFoundError, ValueError, OSError):
-        return None
+def _read(uri: str, tries: int = 4) -> dict | None:
+    """The lease at `uri`, None when there is none (or it is unreadable JSON). A storage error is retried, then
+    raised: reading "no lease" from a failed request would let a second run take a live run's root."""
+    for attempt in range(tries):
+        try:
+            return json.loads(storage.read_bytes(uri))
+        except (FileNotFoundError, ValueError):
+            return None
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    return None
 
 
 def _alive_here(lease: dict) -> bool:
@@ -76,9 +85,12 @@ def hold(root: str, owner: str, ttl: float = 30.0, wait: float = 60.0, settle: f
 
     def beat():
         while not stop.wait(ttl / 3):
-            if (_read(uri) or {}).get("token") != token:
-                return  # taken over (we were presumed dead): stop touching it
-            storage.write_bytes(uri, json.dumps({**mine, "heartbeat": time.time()}).encode())
+            try:
+                if (_read(uri) or {}).get("token") != token:
+                    return  # taken over (we were presumed dead): stop touching it
+                storage.write_bytes(uri, json.dumps({**mine, "heartbeat": time.time()}).encode())
+            except OSError as e:  # a storage hiccup: the next beat tries again, well within the ttl
+                logging.getLogger(__name__).warning("lease heartbeat on %s failed: %s", uri, e)
 
     thread = threading.Thread(target=beat, name=f"lease:{root}", daemon=True)
     thread.start()
@@ -87,5 +99,8 @@ def hold(root: str, owner: str, ttl: float = 30.0, wait: float = 60.0, settle: f
     finally:
         stop.set()
         thread.join(timeout=5)
-        if (_read(uri) or {}).get("token") == token:
-            storage.delete(uri)
+        try:
+            if (_read(uri) or {}).get("token") == token:
+                storage.delete(uri)
+        except OSError as e:  # never mask the run's own outcome: the lease goes stale after ttl
+            logging.getLogger(__name__).warning("lease on %s not released: %s", uri, e)

@@ -135,7 +135,7 @@ def commit_shard(out_uri: str, stats: dict, spools: list[str], out_schema: pa.Sc
     meta = dict(out_schema.metadata or {})
     meta[STATS_KEY] = json.dumps(stats, sort_keys=True).encode()
     storage.write_parquet(part_uri(out_uri, stats["shard"]), table.cast(out_schema).replace_schema_metadata(meta),
-                          row_group_size=row_group_rows)
+                          row_group_size=row_group_rows, **schema.parquet_options(out_schema))
     for s in spools:
         storage.delete(s)
     return stats

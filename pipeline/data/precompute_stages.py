@@ -372,7 +372,7 @@ class SpoolWriter:
             if len(good):
                 table = rows_table(batch, good, self.source, self.resolutions, self.out_schema)
                 spool = storage.join(self.out_uri, SPOOL_DIR, name, f"{uuid.uuid4().hex}.parquet")
-                storage.write_parquet(spool, table)
+                storage.write_parquet(spool, table, **schema.parquet_options(table.schema))
             ends = np.flatnonzero(mine & is_end)
             skipped, handled = row_counts(batch, samples, self.resolutions)
             summary["shard"].append(name)

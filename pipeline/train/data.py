@@ -76,7 +76,7 @@ def source_shapes(uri: str, resolution: int) -> tuple[tuple[int, ...], tuple[int
 
 
 class DecodeLatents:
-    """Ray Data stage: flat float16 columns -> {"latents": (N, C, H, W), "caption": (N, L, D)} float16 arrays."""
+    """Ray Data stage: float16 byte columns -> {"latents": (N, C, H, W), "caption": (N, L, D)} float16 arrays."""
 
     def __init__(self, resolution: int, latent_shape: tuple[int, ...], caption_shape: tuple[int, ...],
                  caption_field: pa.Field | None = None, extras: Mapping[str, tuple[int, ...]] | None = None):
@@ -95,8 +95,7 @@ class DecodeLatents:
         col = table.column(column).combine_chunks()
         if col.null_count:
             raise ValueError(f"column {column!r} has null rows where {column.replace('latents', 'has')} is True")
-        flat = col.flatten().to_numpy(zero_copy_only=False)  # (N * prod(shape),) float16
-        return flat.reshape((len(col), *shape))
+        return schema.flat_values(col, int(np.prod(shape))).reshape((len(col), *shape))  # float16
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         has = table.column(self.has)
