@@ -164,8 +164,7 @@ def test_fine_tune_from_a_released_emmdit_file(data, tmp_path, ray_address):
     save_file(state, path)
     stage = emmdit_stage(0.0, name="ft", steps=2, lr=1e-6, schedule={"kind": "constant"}, checkpoint_every=2,
                          init={"from": "weights", "path": path}, sample_prompts=0)
-    out = train_stage(stage, {"family": "emmdit", "preset": "EMMDiT_Debug"}, str(tmp_path / "run"), data,
-                      encoders={"vae": "tiny-dcae", "text": "tiny-llama"})
+    out = train_stage(stage, MODEL, str(tmp_path / "run"), data, encoders={"vae": "tiny-dcae", "text": "tiny-llama"})
     tuned = load_file(f"{out}/model.safetensors")
     params = dict(released.named_parameters())
     moved = max(float((tuned[k] - params[k].detach()).abs().max()) for k in params)

@@ -106,9 +106,8 @@ def compact_array(values: Sequence[np.ndarray], lengths: Sequence[int], field: p
 
 def _compact_rows(col: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(lengths (N,) in rows, values (sum of lengths, width)) of a compact column, either encoding."""
-    if pa.types.is_large_binary(col.type) or pa.types.is_binary(col.type):
-        index = np.int64 if pa.types.is_large_binary(col.type) else np.int32
-        offsets = np.frombuffer(col.buffers()[1], index, count=len(col) + 1, offset=col.offset * index().itemsize)
+    if pa.types.is_large_binary(col.type):
+        offsets = np.frombuffer(col.buffers()[1], np.int64, count=len(col) + 1, offset=col.offset * 8)
         data = col.buffers()[2]
         start, stop = int(offsets[0]), int(offsets[-1])
         values = np.frombuffer(data, VALUE, count=(stop - start) // VALUE.itemsize, offset=start) if stop > start \
@@ -157,12 +156,16 @@ def parquet_options(s: pa.Schema) -> dict:
     """`pyarrow.parquet.write_table` options for latent rows: statistics and dictionaries for the scalar columns
     only. Min/max statistics of a tensor column are two whole values (157 KB each for 77x1024 states) that every
     reader parses: measured on 64 such rows, reading took 0.68 CPU-s with them and 0.014 without."""
-    scalars = [f.name for f in s if not (f.metadata and b"shape" in f.metadata)]
+    scalars = [f.name for f in s if not is_tensor_field(f)]
     return {"write_statistics": scalars, "use_dictionary": scalars}
 
 
+def is_tensor_field(field: pa.Field) -> bool:
+    return bool(field.metadata) and b"shape" in field.metadata
+
+
 def field_shape(field: pa.Field) -> tuple[int, ...]:
-    if not field.metadata or b"shape" not in field.metadata:
+    if not is_tensor_field(field):
         raise ValueError(f"column {field.name!r} carries no shape metadata; is this a microdit latent file?")
     return tuple(json.loads(field.metadata[b"shape"]))
 
@@ -196,15 +199,10 @@ def flat_values(col: pa.Array, size: int) -> np.ndarray:
             return np.zeros((0, size), VALUE)
         return np.frombuffer(col.buffers()[1], VALUE, count=len(col) * size,
                              offset=col.offset * col.type.byte_width).reshape(len(col), size)
-    # fixed_size_list<f16>: files written before the byte layout
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    if flat.size != len(col) * size:  # null rows left out by flatten
-        out = np.full((len(col), size), np.nan, dtype=np.float32)
-        for i, v in enumerate(col.to_pylist()):
-            if v is not None:
-                out[i] = v
-        return out
-    return flat.reshape(len(col), size)
+    # fixed_size_list<f16>: files written before the byte layout. Its child array holds every slot, null rows too
+    # (`flatten()` would drop them and misalign the rest).
+    values = col.values.slice(col.offset * size, len(col) * size)
+    return values.to_numpy(zero_copy_only=False).reshape(len(col), size)
 
 
 def read_tensor(table: pa.Table, column: str, dtype=np.float32) -> np.ndarray:
@@ -225,8 +223,7 @@ def _check_tensor_type(field: pa.Field) -> None:
     size = int(np.prod(field_shape(field)))
     t = field.type
     if is_compact(field):
-        ok = pa.types.is_large_binary(t) or pa.types.is_binary(t) or (
-            (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_float16(t.value_type))
+        ok = pa.types.is_large_binary(t) or (pa.types.is_list(t) and pa.types.is_float16(t.value_type))
     elif pa.types.is_fixed_size_binary(t):
         ok = t.byte_width == size * VALUE.itemsize
     else:
