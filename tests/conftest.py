@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+import census
+
+pytest_plugins = ["census"]
+
 BIN = Path(sys.executable).parent
 
 
@@ -136,6 +140,10 @@ def _ray_client_env(tmp_path_factory):
     env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     for key, value in RAY_ENV.items():
         env.setenv(key, value)
+    # Ray Train's record of every stage in the dashboard, as the flow's training task turns it on (the census
+    # counts Train runs there).
+    env.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    census.SERVICES["token"] = str(token)
     yield token
     env.undo()
 
@@ -166,6 +174,7 @@ def ray_head(tmp_path_factory):
     try:
         _wait_until(up, 120, "ray head")
         env.setenv("RAY_ADDRESS", address)
+        census.SERVICES["dashboard"] = f"http://127.0.0.1:{dash}"
         yield address, proc.pid
     finally:
         env.undo()
@@ -221,6 +230,7 @@ def prefect_server(tmp_path_factory):
         _wait_until(up, 120, "prefect server")
         session_env.setenv("PREFECT_API_URL", api)
         session_env.setenv("PREFECT_HOME", str(home))
+        census.SERVICES["prefect"] = api
         yield api
     finally:
         session_env.undo()
