@@ -29,13 +29,14 @@ import torch
 
 from bench.model_throughput import MIB, PeakMemory, SavedActivations, _sync
 from model import family as families
-from model.objectives import build as build_objective
+from model.objectives.configs import config_from_dict as objective_config
+from model.objectives.objective import build as build_objective
 
 
 def cases(microdit_preset: str, microdit_side: int) -> dict[str, dict]:
     """name -> (family, preset, overrides, latent shape, caption shape, objective, position scale)."""
     em = {"family": "emmdit", "preset": "EMMDiT_512", "latent": (32, 16, 16), "caption": (128, 2048),
-          "objective": {"kind": "rectified_flow"}, "pos_scale": 1.0}
+          "objective": {"kind": "rectified_flow", "caption_dropout": 0.0}, "pos_scale": 1.0}
     return {
         "emmdit": {**em, "overrides": {}},
         "emmdit_nocompress": {**em, "overrides": {"compression": False}},
@@ -54,7 +55,8 @@ def build_case(c: dict, batch: int, device: torch.device):
         net = fam.build(cfg).train()
     x = torch.randn(batch, *c["latent"], device=device)
     cap = torch.randn(batch, *c["caption"], device=device)
-    return net, build_objective(c["objective"]), (x, cap), fam.flops_per_sample(cfg, c["objective"])
+    objective = objective_config(c["objective"])
+    return net, build_objective(objective), (x, cap), fam.flops_per_sample(cfg, objective)
 
 
 def step(net, obj, inputs, device: torch.device) -> None:

@@ -1,2 +1,2 @@
-"""Prefect 3 flows over the pipeline (full-run, stage, compare), their task wrappers and cache keys, the local
-stack (Prefect server + Ray head) and the `microdit` CLI."""
+"""Prefect 3 flows over the pipeline (full-run, stage, compare), their task wrappers, cache keys, progress sinks
+and the deployments' server. The CLI and the local stack's processes live in cli/."""

@@ -11,20 +11,26 @@ counts wherever it is written: at module level, inside functions (lazy imports),
 those count too. A step's key also hashes the keys of the steps upstream of it: its output changes when its
 inputs' producers change, even though their URIs do not.
 
+Keys are computed once per process and code state (the size and mtime of every source file), under a lock:
+CPython 3.11's AST constructor keeps its recursion depth in interpreter-wide state, so two threads parsing at
+once (two flow runs in one serve process) can fail with "AST constructor recursion depth mismatch"
+(python/cpython#106905).
+
     python -m flows.caching [--root DIR] [-v]    # each step's key, upstream steps and module closure
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import functools
 import hashlib
 import importlib.metadata
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGES = ("model", "pipeline", "flows")  # imports of anything else (torch, ray, stdlib) are not followed
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding the three packages (repo or site-packages)
+_LOCK = threading.Lock()  # one parse at a time in this process (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,6 @@ STEPS: dict[str, Step] = {
     "evaluate": Step(("pipeline.evaluate.evaluate",), upstream=("train",)),
     "report": Step(("pipeline.report.report",), upstream=("sample", "evaluate")),
 }
-STEP_MODULES = STEPS  # old name, kept for callers that only iterate the step names
 
 
 class _Tree:
@@ -88,7 +93,7 @@ class _Tree:
             return set()
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -102,6 +107,16 @@ class _Tree:
                 found.update(f"{base}.{a.name}" for a in node.names
                              if a.name != "*" and self.exists(f"{base}.{a.name}"))
         return {m for m in found if m.split(".")[0] in PACKAGES and self.exists(m)}
+
+
+def _parse(path: Path) -> ast.Module:
+    """The module's AST. Callers hold _LOCK; a thread outside our code parsing at the same moment can still trip
+    the interpreter-wide depth check of CPython 3.11 (see the module docstring), which a second parse survives."""
+    source = path.read_bytes()
+    try:
+        return ast.parse(source, filename=str(path))
+    except SystemError:
+        return ast.parse(source, filename=str(path))
 
 
 def _with_parents(module: str) -> list[str]:
@@ -134,7 +149,8 @@ def import_graph(root: str | Path | None = None) -> dict[str, set[str]]:
     """module -> our modules it imports (anywhere in its source), for every module of our packages."""
     tree = _Tree(_root(root))
     modules = [m for pkg in PACKAGES for m in tree.package_modules(pkg)]
-    return {m: tree.imports(m) - {m} for m in modules}
+    with _LOCK:
+        return {m: tree.imports(m) - {m} for m in modules}
 
 
 def _root(root: str | Path | None) -> Path:
@@ -143,7 +159,8 @@ def _root(root: str | Path | None) -> Path:
 
 def step_modules(step: str, root: str | Path | None = None) -> list[str]:
     """The sorted module names whose source decides `step`'s output (its own, not its upstream steps')."""
-    return _closure(_Tree(_root(root)), step)
+    with _LOCK:
+        return _closure(_Tree(_root(root)), step)
 
 
 def _package_version() -> str:
@@ -153,9 +170,17 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def code_versions(root: str | Path | None = None) -> dict[str, str]:
-    """Every step's code version, read fresh from the sources under `root` (default: this checkout)."""
-    tree, version, keys = _Tree(_root(root)), _package_version(), {}
+_MEMO: dict[tuple[Path, tuple], dict[str, str]] = {}  # (root, code state) -> every step's version
+
+
+def _code_state(root: Path) -> tuple:
+    """(file, size, mtime) of every source file of our packages: what the memoised versions depend on."""
+    files = sorted(p for pkg in PACKAGES if (root / pkg).is_dir() for p in (root / pkg).rglob("*.py"))
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+
+
+def _compute(root: Path) -> dict[str, str]:
+    tree, version, keys = _Tree(root), _package_version(), {}
     for step, spec in STEPS.items():  # in graph order: upstream keys exist before they are hashed in
         h = hashlib.sha256()
         for module in _closure(tree, step):
@@ -167,7 +192,17 @@ def code_versions(root: str | Path | None = None) -> dict[str, str]:
     return keys
 
 
-@functools.lru_cache(maxsize=None)
+def code_versions(root: str | Path | None = None) -> dict[str, str]:
+    """Every step's code version for the sources under `root` (default: this checkout), computed once per code
+    state: an edited file gives new versions, an unchanged tree the memoised ones."""
+    root = _root(root)
+    with _LOCK:
+        key = (root, _code_state(root))
+        if key not in _MEMO:
+            _MEMO[key] = _compute(root)
+        return dict(_MEMO[key])
+
+
 def code_version(step: str, root: str | Path | None = None) -> str:
     """'<package version>+<12 hex>': hash of the step's module closure and of its upstream steps' versions."""
     if step not in STEPS:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the registry is read by light callers (the CLI) without importing torch
+    from torch import nn
 
 # name -> "module:attribute" of its Family; imported on first use, so using one family never imports another.
 REGISTRY = {
@@ -62,7 +63,7 @@ class Family:
     config_class: type
     presets: dict[str, Any]
     build: Callable[[Any], nn.Module]
-    flops_per_sample: Callable[[Any, dict], float]  # (config, objective dict) -> training FLOPs per sample
+    flops_per_sample: Callable[[Any, Any], float]  # (config, objective config) -> training FLOPs per sample
     shard_units: Callable[[nn.Module], list[nn.Module]]  # blocks that FSDP shards, AC and compile wrap one by one
     fit: Callable[[Any, tuple, tuple, float], Any]  # (config, latent (C,H,W), caption (L,D), pos scale) -> config
     objectives: tuple[str, ...]

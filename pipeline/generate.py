@@ -9,7 +9,6 @@ and fp32 on CPU.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -141,7 +140,8 @@ class Generator:
     def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
                  text_spec: str | None = None):
         from model import family as families
-        from model import objectives
+        from model.objectives.configs import config_from_dict as objective_config
+        from model.objectives.objective import build as build_objective
         from model.encoders import load_text_encoder, load_vae
         from safetensors.torch import load as load_safetensors
 
@@ -150,7 +150,7 @@ class Generator:
         export = read_export(config_uri)
         self.family = families.get(export["family"])
         self.objective_spec = export["objective"]
-        self.objective = objectives.build(export["objective"])
+        self.objective = build_objective(objective_config(export["objective"]))
         sampler = export.get("sampler") or dataclasses.asdict(self.family.sampler)
         self.steps = cfg.steps if cfg.steps is not None else sampler["steps"]
         self.guidance = cfg.guidance if cfg.guidance is not None else sampler["guidance"]
@@ -354,46 +354,3 @@ def generate(weights_uri: str, prompts: str | Sequence[str], out_uri: str, cfg: 
                                       "seeds": gen.seeds(0, len(prompts)), "step": gen.step})
     reporter.finish(len(prompts))
     return files
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Arguments of `microdit generate` (pass a subparser to mount it)."""
-    p = parser or argparse.ArgumentParser(prog="microdit generate", description=__doc__.splitlines()[0])
-    d = GenerateConfig()
-    p.add_argument("weights", help="export folder ({root}/train/{stage}/export) or a .safetensors file in one")
-    p.add_argument("out", help="output folder or s3:// URI")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="text file, one prompt per line")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = none (default: the export's)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--no-ema", dest="use_ema", action="store_false", help="use model.safetensors, not EMA")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES])
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--vae", default=None, help="VAE spec (default: the export config's)")
-    p.add_argument("--text-encoder", default=None, help="text encoder spec (default: the export config's)")
-    return p
-
-
-def run_from_args(args: argparse.Namespace) -> list[str]:
-    """Run generate() from parsed build_parser() arguments."""
-    if bool(args.prompt) == bool(args.prompts_file):
-        raise ValueError("give prompts with --prompt (repeatable) or --prompts-file, exactly one of them")
-    cfg = GenerateConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                         resolution=args.resolution, use_ema=args.use_ema, dtype=args.dtype, device=args.device)
-    return generate(args.weights, args.prompts_file or args.prompt, args.out, cfg, args.vae, args.text_encoder)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `python -m pipeline.generate WEIGHTS OUT --prompt ...`."""
-    files = run_from_args(build_parser().parse_args(argv))
-    print("\n".join(files))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

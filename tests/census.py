@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
+
+from ray_state import train_runs
 
 # Set by conftest's fixtures when they start the services.
 SERVICES: dict[str, str] = {}
@@ -23,11 +24,8 @@ _COUNTS: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 _LOCAL = {"precompute": 0}
 
 
-def _get(url: str, body: dict | None = None, token: str | None = None):
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=20) as r:
         return json.loads(r.read())
 
@@ -37,15 +35,14 @@ def _snapshot() -> dict[str, int]:
     dash = SERVICES.get("dashboard")
     if dash:
         try:
-            token = Path(SERVICES["token"]).read_text().strip()
-            out["train_runs"] = len(_get(f"{dash}/api/train/v2/runs/v1", token=token).get("train_runs", []))
+            out["train_runs"] = len(train_runs(dash, SERVICES["token"]))
         except OSError:
             pass
     api = SERVICES.get("prefect")
     if api:
         try:
-            out["flow_runs"] = _get(f"{api}/flow_runs/count", {})
-            out["precompute"] += _get(f"{api}/task_runs/count", {"task_runs": {
+            out["flow_runs"] = _post(f"{api}/flow_runs/count", {})
+            out["precompute"] += _post(f"{api}/task_runs/count", {"task_runs": {
                 "name": {"like_": "precompute-"}, "state": {"name": {"any_": ["Completed", "Failed", "Running"]}}}})
         except OSError:
             pass

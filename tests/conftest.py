@@ -2,6 +2,18 @@
 
 Services are started as process groups we created ourselves and stopped by group id, never by name, so
 several test sessions (or a user's own Ray/Prefect) on the same machine do not disturb each other.
+
+The suite's time is process start-ups: a Ray Train stage costs 20-40 CPU-seconds of actors and workers before its
+first step, a flow run more. So integration tests share what is expensive (tests/shared_runs.py): the tiny MicroDiT
+flow run (`tiny_flow`) and the E-MMDiT flow run on S3 (`emmdit_flow`). A new test that needs a trained export, cached
+latents, a flow run's artifacts or a Train run's record reads one of those (joining its xdist group) or adds its
+check to the run that already trains; it starts its own Ray Train job or flow run only to kill, resume or race one,
+with one worker unless it tests distribution, at the fewest steps that prove it. `pytest --census` prints what each
+file started (tests/census.py).
+
+Scheduling (`make test`: `pytest -n 2 --dist loadgroup`): every file is an xdist group of its own, except files that
+name a shared group (`pytest.mark.xdist_group("tiny_flow")`), which run together on one worker, so the shared run
+is made once.
 """
 from __future__ import annotations
 
@@ -21,7 +33,7 @@ import pytest
 
 import census
 
-pytest_plugins = ["census"]
+pytest_plugins = ["census", "shared_runs"]
 
 BIN = Path(sys.executable).parent
 
@@ -41,7 +53,7 @@ def _wait_until(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} did not come up within {timeout:.0f}s")
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Stop a process group started with start_new_session=True: SIGTERM, then SIGKILL."""
     if proc.poll() is not None:
         return
@@ -57,30 +69,38 @@ def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
     proc.wait(timeout=10)
 
 
-# Scheduling hint for `pytest -n 2 --dist loadfile`: the longest files (from `--durations`, 2 cores) start first
-# so the two workers finish together instead of one running a long file alone at the end. A file missing here
+# Scheduling hint for `pytest -n 2 --dist loadgroup`: the longest groups (from `--durations`, 2 cores) start first
+# so the two workers finish together instead of one running a long group alone at the end. A group missing here
 # only costs balance; slow-marked files come next, then the rest in collection order.
-LONGEST_FIRST = ["test_flows.py", "test_multinode.py", "test_train_stage.py", "test_train_emmdit.py",
-                 "test_train_chain.py", "test_gpu_suite.py", "test_emmdit_flow.py", "test_cli.py",
-                 "test_compare_flow.py", "test_precompute.py"]
+LONGEST_FIRST = ["tiny_flow", "test_train_stage.py", "emmdit", "test_cli.py", "test_multinode.py",
+                 "test_gpu_suite.py", "test_download.py", "test_learns.py", "test_precompute.py"]
+
+
+def _group(item) -> str:
+    """The item's xdist group: the shared group its file names, else the file itself."""
+    mark = item.get_closest_marker("xdist_group")
+    return (mark.args[0] if mark.args else mark.kwargs["name"]) if mark else item.path.name
 
 
 def _schedule_rank(item) -> tuple[int, int]:
-    name = item.path.name
-    if name in LONGEST_FIRST:
-        return (0, LONGEST_FIRST.index(name))
+    group = _group(item)
+    if group in LONGEST_FIRST:
+        return (0, LONGEST_FIRST.index(group))
     return (1, 0) if item.get_closest_marker("slow") else (2, 0)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which appends the group to each node id
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # Whole files move together (loadfile sends a file to one worker); sorted() keeps each file's own order.
-    files = {}
+    # A group moves as a whole (loadgroup sends it to one worker); sorted() keeps each group's own file order.
+    groups: dict[str, list] = {}
     for item in items:
-        files.setdefault(item.path, []).append(item)
-    rank = {path: min(_schedule_rank(i) for i in its) for path, its in files.items()}
-    items[:] = [i for path in sorted(files, key=lambda p: rank[p]) for i in files[path]]
+        groups.setdefault(_group(item), []).append(item)
+        if not item.get_closest_marker("xdist_group"):  # a file of its own: loadgroup would split it per test
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    rank = {g: min(_schedule_rank(i) for i in its) for g, its in groups.items()}
+    items[:] = [i for g in sorted(groups, key=lambda g: rank[g]) for i in groups[g]]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -130,7 +150,7 @@ def _ray_client_env(tmp_path_factory):
     Ray 2.60 decides token auth from ~/.ray/auth_token, a file shared with every other Ray user on the
     machine; this session gets its own token, explicitly.
     """
-    from flows.local_stack import RAY_ENV
+    from cli.stack import RAY_ENV
 
     token = tmp_path_factory.mktemp("ray_token") / "auth_token"
     token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
@@ -152,7 +172,7 @@ def _ray_client_env(tmp_path_factory):
 def ray_head(tmp_path_factory):
     """A fresh local Ray head started the way `microdit up` starts it (every listener on loopback), owned by
     this test session; yields (GCS address, pid of `ray start`, whose descendants are the head's processes)."""
-    from flows.local_stack import ray_head_command, ray_head_env
+    from cli.stack import ray_head_command, ray_head_env
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dash, client = free_port(), free_port(), free_port()
@@ -194,6 +214,14 @@ def ray_head(tmp_path_factory):
 def ray_address(ray_head):
     """The GCS address of this session's local Ray head (see `ray_head`)."""
     return ray_head[0]
+
+
+@pytest.fixture(scope="session")
+def ray_train_runs(ray_head, _ray_client_env):
+    """A callable listing the Ray Train runs the session's head recorded (tests/ray_state.py)."""
+    from ray_state import train_runs
+
+    return lambda: train_runs(census.SERVICES["dashboard"], _ray_client_env)
 
 
 @pytest.fixture(scope="session")

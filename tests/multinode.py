@@ -77,7 +77,7 @@ class Cluster:
     def client_env(self) -> dict[str, str]:
         """Environment of a process that joins this cluster (a node or a driver): its address, token auth, and
         Ray's multi-node mode (the nodes listen on the machine's IP; single-machine mode admits no second node)."""
-        from flows.local_stack import RAY_AUTH
+        from cli.stack import RAY_AUTH
 
         return dict(os.environ, **RAY_AUTH, RAY_ADDRESS=self.address, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
 
@@ -125,12 +125,6 @@ class Cluster:
                                            start_new_session=True)
         _wait(lambda: self.nodes_with(WORKER_RESOURCE) == 1, timeout, "ray worker node", self.worker, log)
 
-    def kill_worker(self) -> None:
-        """SIGKILL the worker node's whole process group at once: a machine lost, not a shutdown."""
-        if self.worker is not None and self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait(timeout=30)
-
     def stop(self) -> None:
         from conftest import _stop_group
 
@@ -171,7 +165,7 @@ def node_ip() -> str:
 def start_cluster(state: Path, hidden: list[str], head_cpus: int = 1, worker_cpus: int = 2) -> Cluster:
     """Head (with {"head": 1}) plus one worker node; `hidden` are the paths the worker node must not see."""
     from conftest import _stop_group
-    from flows.local_stack import ray_head_command
+    from cli.stack import ray_head_command
 
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port, dash, client = free_port(), free_port(), free_port()

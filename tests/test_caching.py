@@ -1,9 +1,12 @@
 """Cache keys from the code itself: each step's import closure, and the keys of the steps upstream of it."""
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,36 @@ def test_main_prints_every_step(capsys: pytest.CaptureFixture[str]):
     for step in STEPS:
         assert re.search(rf"^{step} +\S+\+[0-9a-f]{{12}} +\d+ modules", out, re.M), step
     assert "    pipeline.evaluate.metrics\n" in out
+
+
+def test_runs_asking_at_once_parse_one_at_a_time(tree: Path, monkeypatch):
+    """Two flow runs in one serve process ask for their keys at the same moment: CPython 3.11's AST constructor
+    keeps interpreter-wide state (python/cpython#106905), so parses never overlap, the tree is parsed once for
+    its code state, and every caller gets the same versions."""
+    inside, most, calls, guard = 0, 0, 0, threading.Lock()
+    real = ast.parse
+
+    def parse(*args, **kwargs):
+        nonlocal inside, most, calls
+        with guard:
+            inside, calls = inside + 1, calls + 1
+            most = max(most, inside)
+        time.sleep(0.002)  # widen the window two overlapping parses would need
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(caching.ast, "parse", parse)
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(code_versions(tree))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1 and len(results) == 4 and all(r == results[0] for r in results)
+    once = calls
+    assert code_versions(tree) == results[0] and calls == once  # memoised for this code state
+    append_comment(tree, "pipeline.evaluate.metrics")
+    assert changed(results[0], code_versions(tree)) == {"evaluate", "report"} and calls > once

@@ -182,18 +182,18 @@ def test_driver_refuses_before_workers_start_and_is_not_retried(copy):
     root = str(copy.parent.parent.parent)
     marker = _evil_metadata(copy)
     with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"{copy}/\.metadata"):
-        resolve_init(root, stage_config(tiny_stage()), {"a": 1})
+        resolve_init(root, stage_config(tiny_stage()), {"a": 1}, "microdit")
     assert not marker.exists()
     assert issubclass(ckpt.CheckpointIntegrityError, BAD_INPUT)  # retry_unless_bad_input: no retry
 
 
 def test_worker_load_path_refuses(copy, gloo):
-    """pipeline.train.loop.load_checkpoint (what each Ray Train worker runs) refuses the same way."""
-    from pipeline.train import checkpoint as ckpt
-    from pipeline.train.loop import load_checkpoint
+    """pipeline.train.loop.load_checkpoint (what each Ray Train worker runs) refuses the same way, as a refusal
+    that ends the run rather than a failure Ray Train retries."""
+    from pipeline.train.loop import StageRefused, load_checkpoint
 
     marker = _evil_metadata(copy)
-    with pytest.raises(ckpt.CheckpointIntegrityError):
+    with pytest.raises(StageRefused, match=r"\.metadata' is corrupt or altered"):
         load_checkpoint(_build(1), str(copy), 0, 1, {"a": 1}, same_stage=True)
     assert not marker.exists()
 

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from flows import local_stack
-from flows.local_stack import Proc, Stack
+from cli import stack as local_stack
+from cli.stack import Proc, Stack
 
 MICRODIT = str(Path(sys.executable).parent / "microdit")
+REPO = Path(__file__).resolve().parents[1]
 
 
-def microdit(*args: str, state: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+def microdit(*args: str, state: Path, timeout: int = 120, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")} | extra_env
     return subprocess.run([MICRODIT, "--state-dir", str(state), *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -36,6 +37,34 @@ def test_nothing_up_gives_a_plain_error(tmp_path, args):
 def test_unknown_recipe_is_named(tmp_path):
     r = microdit("run", "--recipe", "nope.yaml", state=tmp_path)
     assert r.returncode != 0 and "nope.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bad_recipe_is_named_before_the_stack(tmp_path):
+    """With nothing up, what is wrong with the recipe comes first (not "start the stack"), naming key and value
+    (`run`, `stage` and `compare` share the path)."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    recipe["download"]["processes"] = "two"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    (tmp_path / "stages_tiny.yaml").write_text((REPO / "recipes" / "stages_tiny.yaml").read_text())
+    r = microdit("run", "--recipe", str(bad), state=tmp_path / "state")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "download.processes" in r.stderr and "two" in r.stderr and "microdit up" not in r.stderr, r.stderr
+
+
+def test_ray_token_file_is_created_where_the_environment_points(tmp_path, monkeypatch):
+    """RAY_AUTH_TOKEN_PATH naming a file that does not exist yet: `up` creates it, random, mode 0600, once."""
+    path = tmp_path / "new" / "dir" / "token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    local_stack.ensure_ray_token()
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    local_stack.ensure_ray_token()
+    assert path.read_text() == token  # an existing token is kept
 
 
 def _sleeper() -> subprocess.Popen:

@@ -1,4 +1,5 @@
-"""The `compare` flow on a shrunk tiny recipe: two arms from cached latents at equal compute, then the report."""
+"""The `compare` flow on the shared tiny run's cached latents (tests/shared_runs.py `tiny_flow`): two arms at equal
+compute, each under its own root, then the side-by-side report."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,33 +7,23 @@ import json
 
 import pytest
 
-from test_flows import RECIPE, SHRINK  # the shrunk tiny recipe (48 images, a few steps)
+from shared_runs import mtimes
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("tiny_flow")]
 
 
-def test_compare_flow_trains_both_arms_at_equal_compute(prefect_server, ray_address, tmp_path):
-    from flows import tasks
-    from flows.caching import code_version
+def test_compare_flow_trains_both_arms_at_equal_compute(tiny_flow, tmp_path):
     from flows.compare import compare_run
     from model.microdit.config import flops_per_sample, model_config
     from pipeline.checks import load_run
-    from pipeline.core.layout import Layout
     from pipeline.report.compare import equal_compute_plan
 
-    root = tmp_path / "run"
-    overrides = [f"storage={root}", *SHRINK]
-    cfg = load_run(RECIPE, overrides)
-    with pytest.raises(FileNotFoundError, match="full-run first"):  # no latents yet: a plain error
-        compare_run(recipe=RECIPE, overrides=overrides)
+    recipe, overrides = tiny_flow["params"]["recipe"], tiny_flow["params"]["overrides"]
+    with pytest.raises(FileNotFoundError, match="full-run first"):  # no latents under a new root: a plain error
+        compare_run(recipe=recipe, overrides=[*overrides, f"storage={tmp_path / 'empty'}"])
 
-    src = cfg.sources[0]  # the run's latents, made by the step functions full-run wraps
-    shards = tasks.download_task.fn(source=src, download=cfg.download, root=cfg.storage,
-                                    code=code_version("download"))
-    tasks.precompute_task.fn(source=src.name, shards_uri=shards, latents_uri=Layout(cfg.storage).latents(src.name),
-                             precompute=cfg.precompute, encoders=cfg.encoders, code=code_version("precompute"),
-                             ray_address=ray_address)
-
+    root = tiny_flow["root"]
+    cfg = load_run(recipe, overrides)
     stage = cfg.stage("stage1")
     # Two unmasked steps' worth of FLOPs (stand-in VAE: downsample 4).
     model = model_config(cfg.model.preset)
@@ -42,7 +33,8 @@ def test_compare_flow_trains_both_arms_at_equal_compute(prefect_server, ray_addr
             for a in equal_compute_plan(model, stage, budget, downsample=4)}
     assert plan[0.0] == 2 and plan[0.75] > plan[0.0]
 
-    out = compare_run(recipe=RECIPE, overrides=overrides, stage="stage1", budget_flops=budget)
+    trained = mtimes(root, "data", "train")
+    out = compare_run(recipe=recipe, overrides=overrides, stage="stage1", budget_flops=budget)
 
     names = {0.75: "stage1-mask75", 0.0: "stage1-mask0"}
     for ratio, name in names.items():
@@ -55,8 +47,7 @@ def test_compare_flow_trains_both_arms_at_equal_compute(prefect_server, ray_addr
         assert config["stage"]["init"]["kind"] == "scratch"
         assert (arm / "samples" / "grid.png").is_file()
         assert "demo" in json.loads((arm / "eval" / "metrics.json").read_text())
-    assert (root / "data" / "latents" / src.name / "_SUCCESS").is_file()
-    assert not (root / "train").exists()  # the arms trained under their own roots only
+    assert mtimes(root, "data", "train") == trained  # the arms trained under their own roots only
 
     report = root / "compare" / "report"
     md = (report / "compare.md").read_text()

@@ -66,10 +66,10 @@ def test_preconditioning_identities():
 def test_denoise_limits_for_a_zero_net():
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     cap = torch.zeros(3, 5, 8)
-    d_small, keep = denoise(ZeroNet(), x, 1e-5, cap)
+    d_small, keep = denoise(ZeroNet(), x, 1e-5, cap, SD)
     assert keep is None
     torch.testing.assert_close(d_small, x, rtol=1e-9, atol=1e-9)
-    d_large, _ = denoise(ZeroNet(), x, 1e4, cap)
+    d_large, _ = denoise(ZeroNet(), x, 1e4, cap, SD)
     assert d_large.abs().max() < 1e-7
 
 
@@ -79,7 +79,7 @@ def test_denoise_feeds_net_scaled_input_and_combines_output():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     sigma = torch.tensor([0.3, 7.0], dtype=torch.float64)
     cap = torch.randn(2, 5, 8, dtype=torch.float64)
-    d, _ = denoise(net, x, sigma, cap)
+    d, _ = denoise(net, x, sigma, cap, SD)
     c_skip, c_out, c_in, c_noise = precondition(sigma, SD)
     seen_x, seen_noise = net.calls[-1]
     torch.testing.assert_close(seen_x, c_in.view(-1, 1, 1, 1) * x)
@@ -91,7 +91,7 @@ def test_denoise_feeds_net_scaled_input_and_combines_output():
 def test_denoise_runs_net_in_its_own_dtype():
     net = StandInNet()  # float32
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    d, _ = denoise(net, x, torch.tensor([1.0, 2.0], dtype=torch.float64), torch.randn(2, 5, 8))
+    d, _ = denoise(net, x, torch.tensor([1.0, 2.0], dtype=torch.float64), torch.randn(2, 5, 8), SD)
     assert net.calls[-1][0].dtype == torch.float32
     assert d.dtype == torch.float64
 
@@ -125,7 +125,7 @@ def test_masked_loss_matches_hand_reference(mask_ratio):
     net = StandInNet()
     x0, cap = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 8)
     sigma, noise = torch.tensor([0.05, 0.9, 12.0]), torch.randn(3, 4, 8, 8)
-    loss, per = edm_loss(net, x0, cap, EDMConfig(), mask_ratio=mask_ratio,
+    loss, per = edm_loss(net, x0, cap, EDMConfig(mask_ratio=mask_ratio),
                          generator=torch.Generator().manual_seed(5), sigma=sigma, noise=noise)
     ref, ref_per = _reference_masked_loss(net, x0, cap, sigma, noise, mask_ratio, 5, patch=2)
     assert loss.item() == pytest.approx(ref, rel=1e-5)
@@ -137,9 +137,9 @@ def test_masked_loss_ignores_masked_patches():
     clean, leaky = StandInNet(), StandInNet(leak_masked=True)
     leaky.load_state_dict(clean.state_dict())
     x0, cap = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8)
-    args = dict(sigma=torch.tensor([0.5, 2.0]), noise=torch.randn(2, 4, 8, 8), mask_ratio=0.75)
-    a, _ = edm_loss(clean, x0, cap, EDMConfig(), generator=torch.Generator().manual_seed(3), **args)
-    b, _ = edm_loss(leaky, x0, cap, EDMConfig(), generator=torch.Generator().manual_seed(3), **args)
+    args = dict(sigma=torch.tensor([0.5, 2.0]), noise=torch.randn(2, 4, 8, 8))
+    a, _ = edm_loss(clean, x0, cap, EDMConfig(mask_ratio=0.75), generator=torch.Generator().manual_seed(3), **args)
+    b, _ = edm_loss(leaky, x0, cap, EDMConfig(mask_ratio=0.75), generator=torch.Generator().manual_seed(3), **args)
     assert torch.isfinite(b) and b.item() == pytest.approx(a.item(), rel=1e-6)
 
 
@@ -149,7 +149,7 @@ def test_unmasked_loss_is_weighted_plain_mean():
     x0, cap = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8)
     sigma, noise = torch.tensor([0.2, 3.0]), torch.randn(2, 4, 8, 8)
     loss, per = edm_loss(net, x0, cap, EDMConfig(), sigma=sigma, noise=noise)
-    d, _ = denoise(net, x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cap)
+    d, _ = denoise(net, x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cap, SD)
     expected = loss_weight(sigma, SD) * ((d - x0) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(per, expected)
     assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-6)
@@ -157,8 +157,8 @@ def test_unmasked_loss_is_weighted_plain_mean():
 
 def test_loss_is_differentiable_and_seeded():
     net, x0, cap = StandInNet(), torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8)
-    a, _ = edm_loss(net, x0, cap, EDMConfig(), mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
-    b, _ = edm_loss(net, x0, cap, EDMConfig(), mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    a, _ = edm_loss(net, x0, cap, EDMConfig(mask_ratio=0.5), generator=torch.Generator().manual_seed(0))
+    b, _ = edm_loss(net, x0, cap, EDMConfig(mask_ratio=0.5), generator=torch.Generator().manual_seed(0))
     assert a.item() == b.item()
     a.backward()
     assert net.conv.weight.grad is not None and net.conv.weight.grad.abs().sum() > 0
@@ -209,7 +209,7 @@ def test_masked_loss_on_microdit_debug_matches_reference():
     x0 = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
     cap = torch.randn(2, cfg.caption_len, cfg.caption_dim)
     sigma, noise = torch.tensor([0.3, 4.0]), torch.randn_like(x0)
-    loss, per = edm_loss(net, x0, cap, EDMConfig(), mask_ratio=0.75, generator=torch.Generator().manual_seed(9),
+    loss, per = edm_loss(net, x0, cap, EDMConfig(mask_ratio=0.75), generator=torch.Generator().manual_seed(9),
                          sigma=sigma, noise=noise)
     ref, ref_per = _reference_masked_loss(net, x0, cap, sigma, noise, 0.75, 9, patch=cfg.patch_size)
     assert loss.item() == pytest.approx(ref, rel=1e-4)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import family as families
-from model import objectives
+from model.objectives import configs as objective_configs
+from model.objectives import objective as objectives
 from pipeline.core.plan import RectifiedFlowObjective
 
 
@@ -71,21 +72,28 @@ def _net_and_batch(seed=0, n=4):
     return cfg, net, x, cap
 
 
-def test_objective_builds_from_the_plan_dump():
-    spec = RectifiedFlowObjective(caption_dropout=0.0).model_dump(mode="json")
-    obj = objectives.build(spec)
+def spec(**constants):
+    """An objective from an export's record, as generate reads it (no caption dropout unless given)."""
+    return objectives.build(objective_configs.config_from_dict({"kind": "rectified_flow", "caption_dropout": 0.0,
+                                                         **constants}))
+
+
+def test_objective_builds_from_the_plan_section():
+    section = RectifiedFlowObjective(caption_dropout=0.0)
+    assert section.config() == objective_configs.config_from_dict(section.model_dump(mode="json"))
+    obj = objectives.build(section.config())
     assert isinstance(obj, objectives.RectifiedFlow) and obj.kind == "rectified_flow"
     cfg, net, x, cap = _net_and_batch()
     a = obj.loss(net, x, cap, torch.Generator().manual_seed(5))
     b = obj.loss(net, x, cap, torch.Generator().manual_seed(5))
     assert a.ndim == 0 and torch.isfinite(a) and torch.equal(a, b)
     with pytest.raises(ValueError, match="rectified_flow"):
-        objectives.build({"kind": "rectified_flow", "sigma_data": 0.5})
+        objective_configs.config_from_dict({"kind": "rectified_flow", "sigma_data": 0.5})
 
 
 def test_caption_dropout_uses_the_bound_unconditional_caption():
     cfg, net, x, cap = _net_and_batch()
-    obj = objectives.build({"kind": "rectified_flow", "caption_dropout": 1.0})
+    obj = spec(caption_dropout=1.0)
     with pytest.raises(ValueError, match="bind"):
         obj.loss(net, x, cap, torch.Generator().manual_seed(0))
     uncond = torch.randn(cfg.caption_len, cfg.caption_dim)
@@ -93,7 +101,7 @@ def test_caption_dropout_uses_the_bound_unconditional_caption():
     assert obj.unconditional is None  # bind returns a new objective
     dropped = bound.loss(net, x, cap, torch.Generator().manual_seed(0))
     # dropout 1: every caption is the unconditional one, i.e. the loss of an undropped objective on uncond
-    plain = objectives.build({"kind": "rectified_flow"})
+    plain = spec()
     gen = torch.Generator().manual_seed(0)
     torch.rand(x.shape[0], generator=gen)  # the dropout draw comes first
     expected = plain.loss(net, x, uncond.expand_as(cap), gen)
@@ -102,12 +110,12 @@ def test_caption_dropout_uses_the_bound_unconditional_caption():
 
 def test_repa_needs_features_and_adds_the_weighted_term():
     cfg, net, x, cap = _net_and_batch()
-    obj = objectives.build({"kind": "rectified_flow", "repa_weight": 0.5})
+    obj = spec(repa_weight=0.5)
     with pytest.raises(ValueError, match="repa_features"):
         obj.loss(net, x, cap, torch.Generator().manual_seed(0))
     feats = torch.randn(x.shape[0], cfg.num_patches, cfg.repa_dim)
     with_repa = obj.loss(net, x, cap, torch.Generator().manual_seed(0), extras={"repa_features": feats})
-    plain = objectives.build({"kind": "rectified_flow"}).loss(net, x, cap, torch.Generator().manual_seed(0))
+    plain = spec().loss(net, x, cap, torch.Generator().manual_seed(0))
     assert not torch.allclose(with_repa, plain)
     assert abs(float((with_repa - plain).detach())) <= 0.5 + 1e-5  # |cosine| <= 1
 
@@ -115,7 +123,7 @@ def test_repa_needs_features_and_adds_the_weighted_term():
 def test_sample_runs_euler_with_cfg_and_needs_uncond():
     cfg, net, x, cap = _net_and_batch(n=2)
     net.eval()
-    obj = objectives.build({"kind": "rectified_flow"})
+    obj = spec()
     with pytest.raises(ValueError, match="unconditional"):
         obj.sample(net, x, cap, steps=2, guidance=4.5)
     uncond = torch.zeros(cfg.caption_len, cfg.caption_dim)
@@ -127,7 +135,7 @@ def test_sample_runs_euler_with_cfg_and_needs_uncond():
 
 
 def test_edm_keeps_its_interface():
-    edm = objectives.build({"kind": "edm"})
+    edm = objectives.build(objective_configs.config_from_dict({"kind": "edm"}))
     assert edm.bind(unconditional=torch.zeros(3, 4)) is edm
     with pytest.raises(ValueError, match="zeros"):
         edm.bind(unconditional=torch.ones(3, 4))

@@ -56,7 +56,7 @@ def test_edm_stage_on_emmdit_is_refused():
 
 
 def test_demo_family_picks_its_tiny_recipe():
-    from flows.cli import CLIError, build_parser, demo_recipe
+    from cli.main import CLIError, build_parser, demo_recipe
 
     p = build_parser()
     assert demo_recipe(p.parse_args(["demo", "--family", "emmdit"])) == "recipes/emmdit_tiny.yaml"

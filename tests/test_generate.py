@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from model.microdit.config import model_config
 from model.microdit.network import MicroDiT
 import dataclasses
-from pipeline.generate import GenerateConfig, Generator, generate, main, read_prompts
+from cli.main import main
+from pipeline.generate import GenerateConfig, Generator, generate, read_prompts
 
 PROMPTS = ["a large red circle on a white background, center", "a small blue square on a black background, top left",
            "a large green triangle on a gray background, bottom right"]
@@ -125,7 +126,7 @@ def test_prompt_file_and_cli(export, tmp_path):
     path.write_text(PROMPTS[0] + "\n\n" + PROMPTS[1] + "\n")
     assert read_prompts(str(path)) == PROMPTS[:2]
     out = tmp_path / "cli"
-    assert main([export, str(out), "--prompts-file", str(path), "--steps", "1", "--no-ema"]) == 0
+    assert main(["generate", export, str(out), "--prompts-file", str(path), "--steps", "1", "--no-ema"]) == 0
     assert sorted(os.listdir(out)) == ["00000_seed0.png", "00001_seed1.png", "generate.json", "grid.png"]
     assert Image.open(out / "00000_seed0.png").text["use_ema"] == "False"
 
@@ -195,8 +196,6 @@ def test_bfloat16_autocast_is_close_to_float32(export):
 
 
 def test_cli_generate_from_an_export_alone(export, tmp_path, capsys):
-    from flows.cli import main
-
     out = tmp_path / "cli"
     assert main(["generate", export, str(out), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "3"]) == 0
     written = capsys.readouterr().out.split()

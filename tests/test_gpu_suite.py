@@ -59,7 +59,9 @@ def test_mfu_and_peak_flops_by_card():
 
 
 @pytest.mark.slow
-def test_debug_suite_runs_every_part(tmp_path):
+def test_debug_suite_runs_every_part(tmp_path, ray_address):
+    """Every part at debug size once (a smoke run); part 4's Ray Train stage joins the session's Ray head
+    (RAY_ADDRESS) instead of starting its own."""
     out = tmp_path / "suite"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--debug", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=900)

@@ -172,7 +172,8 @@ def test_microdit_release_imports_round_trips_and_samples(tmp_path):
 def test_emmdit_release_imports_round_trips_and_samples(tmp_path):
     from safetensors.torch import load_file
 
-    from model.objectives import build
+    from model.objectives.configs import config_from_dict
+    from model.objectives.objective import build
 
     path, release = release_file(tmp_path, EMMDIT, EDEBUG)
     release["projectors.0.0.weight"] = torch.ones(2, 2)  # a training-only REPA head, dropped on import
@@ -189,7 +190,7 @@ def test_emmdit_release_imports_round_trips_and_samples(tmp_path):
     net.load_state_dict(load_file(os.path.join(out, "model.safetensors")), strict=True)
     noise = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(0))
     caption = torch.randn(2, cfg.caption_len, cfg.caption_dim, generator=torch.Generator().manual_seed(1))
-    latents = build(config["objective"]).sample(net.eval(), noise, caption, steps=2, guidance=None)
+    latents = build(config_from_dict(config["objective"])).sample(net.eval(), noise, caption, steps=2, guidance=None)
     assert latents.shape == noise.shape and torch.isfinite(latents).all() and not torch.equal(latents, noise)
 
 
@@ -227,7 +228,7 @@ def test_sixteen_channel_vae_spec_loads_from_the_hub_root(monkeypatch):
 
 
 def test_cli_imports(tmp_path, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     path, _ = release_file(tmp_path)
     assert main(["import-weights", path, str(tmp_path / "e"), "--family", "microdit", "--variant", "debug"]) == 0
@@ -358,21 +359,48 @@ def test_init_weights_are_checked_on_the_driver(tmp_path):
     stage = stage_config(tiny_stage(name="ft", init={"from": "weights", "path": path}))
     root = str(tmp_path / "run")
     init = resolve_init(root, stage, good, "microdit")
-    assert init["init_weights"] == f"{root}/train/ft/init/model.safetensors"
+    assert (init.kind, init.uri) == ("weights", f"{root}/train/ft/init/model.safetensors")
     assert resolve_init(root, stage, good, "microdit") == init  # converted once
     wrong = {**good, "depth": 3}
     with pytest.raises(ValueError, match=r"does not fit microdit .*extra tensors \['blocks.3"):
         resolve_init(str(tmp_path / "run2"), stage, wrong, "microdit")
     export = import_weights(path, str(tmp_path / "export"), "microdit", "debug")
     stage = stage_config(tiny_stage(name="ft", init={"from": "weights", "path": export}))
-    assert resolve_init(str(tmp_path / "run3"), stage, good, "microdit") == \
-        {"init_weights": f"{export}/model.safetensors"}
+    assert resolve_init(str(tmp_path / "run3"), stage, good, "microdit").uri == f"{export}/model.safetensors"
     with pytest.raises(ValueError, match=r"do not fit this stage's microdit model .*missing \['blocks.3"):
         resolve_init(str(tmp_path / "run4"), stage, {**good, "depth": 5}, "microdit")
     with pytest.raises(ValueError, match="is a microdit export; this stage trains emmdit"):
         prepare_init(export, "emmdit", {}, str(tmp_path / "w"))
     with pytest.raises(FileNotFoundError, match="neither an export folder"):
         prepare_init(str(tmp_path / "nothing"), "microdit", good, str(tmp_path / "w"))
+    # An earlier stage's export (`init: {from: weights, stage: prev}`) is checked the same way.
+    root = tmp_path / "run5"
+    import_weights(path, str(root / "train" / "prev" / "export"), "microdit", "debug")
+    after = stage_config(tiny_stage(name="next", init={"from": "weights", "stage": "prev"}))
+    assert resolve_init(str(root), after, good, "microdit").uri == f"{root}/train/prev/export/model.safetensors"
+    with pytest.raises(ValueError, match=r"prev/export/model.safetensors.* do not fit .*missing \['blocks.3"):
+        resolve_init(str(root), after, {**good, "depth": 5}, "microdit")
+
+
+@pytest.mark.parametrize("start", ["released file", "export", "earlier stage"])
+def test_training_task_refuses_weights_of_another_shape_before_ray(tmp_path, start):
+    """Through train_stage, as the training task calls it: weights that do not fit the stage's network end the
+    stage on the driver, before Ray or any worker starts."""
+    import ray
+
+    from pipeline.train.stage import train_stage
+    from test_train_helpers import tiny_stage, write_latents
+
+    path, _ = release_file(tmp_path)
+    root = tmp_path / "run"
+    init = {"from": "weights", "path": path}
+    if start != "released file":
+        export = import_weights(path, str(root / "train" / "prev" / "export"), "microdit", "debug")
+        init = {"from": "weights", "stage": "prev"} if start == "earlier stage" else {"from": "weights", "path": export}
+    data = {"synth": write_latents(str(tmp_path / "latents"), rows=8)}
+    with pytest.raises(ValueError, match="does not fit|do not fit"):
+        train_stage(tiny_stage(name="next", init=init), {"preset": "MicroDiT_Debug", "depth": 5}, str(root), data)
+    assert not ray.is_initialized()
 
 
 @pytest.mark.slow

@@ -35,6 +35,26 @@ def test_unreadable_part_is_named(source, damage):
         check_sources({"a": source}, 64)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes"])
+def test_training_task_names_an_unreadable_part_before_ray(source, tmp_path, damage):
+    """Through the training task, as a flow calls it: the damaged file is named before anything else reads the
+    footers (the mixture's row counts did, with pyarrow's raw "magic bytes" error), and before Ray starts."""
+    import ray
+
+    from flows.tasks import train_task
+    from pipeline.core.plan import EncodersConfig, ModelSection, stage_config
+    from test_train_helpers import tiny_stage
+
+    last = _parts(source)[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match=rf"{last.name}.*not a readable Parquet file"):
+        train_task.fn(stage=stage_config(tiny_stage()), model=ModelSection(preset="MicroDiT_Debug"),
+                      encoders=EncodersConfig(vae="standin", text="tiny"), root=str(tmp_path / "run"),
+                      latents={"a": source}, code="test")
+    assert not ray.is_initialized()
+
+
 def test_part_of_another_shape_is_named(source, tmp_path):
     other = write_latents(str(tmp_path / "other"), rows=8, files=1, downsample=8)
     shutil.copy(_parts(other)[0], Path(source) / "part-99999.parquet")
@@ -82,4 +102,4 @@ def test_truncated_ray_checkpoint_snapshot_is_named(tmp_path):
     run.mkdir(parents=True)
     (run / "checkpoint_manager_snapshot.json").write_text('"{\\"latest_checkpoint_result\\": {\\"checkpoint_d')
     with pytest.raises(ValueError, match=r"checkpoint_manager_snapshot.json.*unreadable.*delete it"):
-        resolve_init(str(tmp_path), stage_config({"name": "s1"}), {})
+        resolve_init(str(tmp_path), stage_config({"name": "s1"}), {}, "microdit")

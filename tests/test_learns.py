@@ -50,7 +50,8 @@ def test_debug_model_memorises_pairs_and_samples_them():
     assert end * 5 <= start, f"eval loss fell only from {start:.3f} to {end:.3f}"
 
     net.eval()
-    samples = HeunSampler(steps=8).sample(net, make_noise(latents.shape, seed=0), captions, guidance=1.0)
+    samples = HeunSampler(steps=8).sample(net, make_noise(latents.shape, seed=0), captions, guidance=1.0,
+                                         sigma_data=edm.sigma_data)
     dist = ((samples[:, None] - latents[None]) ** 2).mean(dim=(2, 3, 4))  # (sample, target)
     own = dist.diagonal()
     others = dist.masked_fill(torch.eye(PAIRS, dtype=torch.bool), float("inf")).min(dim=1).values

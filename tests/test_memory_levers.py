@@ -35,7 +35,7 @@ def _saved_bytes_and_grads(ac: bool):
     data = torch.Generator().manual_seed(1)
     lat, cap = torch.randn(4, 4, 32, 32, generator=data), torch.randn(4, 77, 64, generator=data)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = edm_loss(net, lat, cap, EDMConfig(), 0.75, torch.Generator().manual_seed(3))
+        loss, _ = edm_loss(net, lat, cap, EDMConfig(mask_ratio=0.75), torch.Generator().manual_seed(3))
     loss.backward()
     return loss, {n: p.grad for n, p in net.named_parameters()}, sum(storages.values())
 

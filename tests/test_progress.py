@@ -84,7 +84,7 @@ def test_training_progress_is_read_back_from_metrics_jsonl(tmp_path):
 
 
 def test_live_lines_show_running_steps_with_their_figures():
-    from flows.watch import LiveLines, StepView
+    from cli.watch import LiveLines, StepView
 
     view = LiveLines()
     view.show([StepView("download-synthetic", "Cached"),  # no progress of its own: no line

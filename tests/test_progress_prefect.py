@@ -16,8 +16,8 @@ def test_a_step_shows_progress_figures_and_the_report_on_its_flow_run(prefect_se
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.follow import follow
-    from flows.watch import read_steps
+    from cli.follow import follow
+    from cli.watch import read_steps
 
     report = tmp_path / "report"
     report.mkdir()

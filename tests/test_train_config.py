@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.core import schema
-from pipeline.core.plan import load_stages, stage_config
+from pipeline.core.plan import load_recipe, stage_config
 from pipeline.train.optim import stage_lr_lambda
 from pipeline.train.data import DecodeLatents, MixtureStream, mixture_weights
 from model.microdit.family import FAMILY as MICRODIT
@@ -52,7 +52,7 @@ def test_accumulation_arithmetic():
 
 
 def test_micro_budget_recipe_matches_the_stage_table():
-    stages = load_stages(str(REPO / "recipes" / "stages_micro_budget.yaml"))
+    stages = load_recipe(REPO / "recipes" / "micro_budget.yaml").stages
     got = [(s.data.resolution, s.objective.mask_ratio, s.steps, s.optim.lr, s.optim.schedule.kind,
             s.optim.schedule.warmup_steps, s.optim.grad_clip, s.objective.p_mean, s.objective.p_std,
             s.batch.micro_batch, s.batch.accumulation_steps, s.init.kind) for s in stages]
@@ -69,7 +69,7 @@ def test_micro_budget_recipe_matches_the_stage_table():
 
 
 def test_tiny_recipe_is_cpu_sized():
-    stages = load_stages(str(REPO / "recipes" / "stages_tiny.yaml"))
+    stages = load_recipe(REPO / "recipes" / "tiny.yaml").stages
     assert [s.data.resolution for s in stages] == [64, 64, 128, 128]
     assert all(not s.batch.use_gpu and s.batch.num_workers == 2 for s in stages)
     assert [s.pos_interp_scale for s in stages] == [1.0, 1.0, 2.0, 2.0]

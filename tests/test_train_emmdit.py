@@ -1,114 +1,64 @@
-"""E-MMDiT through the pipeline on real Ray Train (2 CPU workers, gloo, FSDP2): precompute (tiny DC-AE, compact
-tiny-Llama states, the unconditional file, tiny-DINOv2 REPA features) -> a REPA stage (stage 1 of the paper) -> an
-export of the inference network (no projector) that generates; a stopped REPA stage resumes to the uninterrupted
-losses exactly; a REPA stage without matching features is refused before Ray; a fine-tune from a released file."""
+"""E-MMDiT training on real Ray Train (gloo, FSDP2) from the shared E-MMDiT run's S3 latents (tests/shared_runs.py
+`emmdit_flow`: tiny DC-AE, compact tiny-Llama states, the unconditional file, tiny-DINOv2 REPA features): its REPA
+stage exports the inference network (no projector) that generates; the same stage stopped and rerun resumes from
+its S3 checkpoint to the flow's losses exactly; a REPA stage without matching features is refused before Ray; a
+fine-tune from a released file."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from pipeline.testing import faults
-from test_precompute import _encode, picture, sample, write_tar
-from test_train_helpers import tiny_stage
 
-pytestmark = pytest.mark.slow
-
-WORDS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
-MODEL = {"family": "emmdit", "preset": "EMMDiT_Debug"}
-ENCODERS = {"vae": "tiny-dcae", "text": "tiny-llama", "repa": "tiny-dinov2"}
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("emmdit")]
 
 
-def emmdit_stage(repa_weight: float = 0.5, **overrides) -> dict:
-    st = tiny_stage(**{"steps": 6, **overrides})
-    st["objective"] = {"kind": "rectified_flow", "caption_dropout": 0.25, "repa_weight": repa_weight}
-    st["sampling"]["guidance"] = 4.5
-    return st
+def _plan(emmdit_flow):
+    from pipeline.checks import load_run
+    from shared_runs import EMMDIT_TINY
+
+    return load_run(EMMDIT_TINY, [f"storage={emmdit_flow['root']}", *emmdit_flow["overrides"]])
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """24 synthetic shapes precomputed with the tiny encoders at 64 px (16x16 latents) plus tiny-DINOv2 features
-    (256 x 32: EMMDiT_Debug's REPA target), as one finished source."""
-    from pipeline.core import layout
-    from pipeline.data.precompute import PrecomputeConfig, precompute_locally
-
-    tmp = tmp_path_factory.mktemp("emmdit_data")
-    members = []
-    for i in range(24):
-        colour, shape = WORDS[i % 4]
-        members += sample(f"{i:05d}", _encode(picture(72, 64, seed=i), "JPEG", quality=90),
-                          f"a large {colour} {shape} on a white background, center".encode())
-    write_tar(tmp / "00000.tar", members)
-    out = tmp / "latents" / "synth"
-    cfg = PrecomputeConfig(resolutions=[64], vae="tiny-dcae", text_encoder="tiny-llama", repa="tiny-dinov2",
-                           max_caption_tokens=16, vae_batch_size=8, text_batch_size=8, repa_batch_size=8,
-                           spool_rows=16, decode_batch_rows=8, read_batch_rows=8)
-    precompute_locally({"00000": str(tmp / "00000.tar")}, str(out), cfg, "synth")
-    layout.mark_complete(str(out))
-    return {"synth": str(out)}
-
-
-def without_column(source: str, column: str, dest) -> str:
-    """A copy of a finished source whose part files lack `column` (a source precomputed without it)."""
-    import pyarrow.parquet as pq
-
-    shutil.copytree(source, dest)
-    for part in dest.glob("part-*.parquet"):
-        pq.write_table(pq.read_table(part).drop_columns([column]), part)
-    return str(dest)
-
-
-@pytest.fixture(scope="module")
-def reference(ray_address, data, tmp_path_factory):
-    import ray
-
-    from pipeline.train.stage import train_stage
-
-    root = str(tmp_path_factory.mktemp("emmdit_ref"))
-    out = train_stage(emmdit_stage(), MODEL, root, data, encoders=ENCODERS)
-    assert out == f"{root}/train/s1/export"
-    yield root
-    ray.shutdown()
-
-
-def _losses(root: str) -> list[float]:
+def _losses(stage_uri: str) -> list[float]:
     from pipeline.train.metrics import read_metrics
 
-    rows = read_metrics(f"{root}/train/s1")
+    rows = read_metrics(stage_uri)
     assert [r["step"] for r in rows] == list(range(1, 7))
     return [r["loss"] for r in rows]
 
 
-def test_repa_stage_exports_the_inference_network_that_generates(reference, data, tmp_path):
+def test_repa_stage_exports_the_inference_network_that_generates(emmdit_flow, tmp_path):
     """Stage 1 with REPA (weight 0.5; the objective refuses a batch without features, so finishing means the
     features reached it) exports without the training-only projector: stage 2 and generate load the export as
     the inference network, strictly."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     from model import family as families
-    from pipeline.core import schema
+    from pipeline.core import schema, storage
     from pipeline.generate import GenerateConfig, generate
 
-    export = f"{reference}/train/s1/export"
-    config = json.loads(open(f"{export}/config.json").read())
+    export = f"{emmdit_flow['root']}/train/stage1/export"
+    config = storage.read_json(f"{export}/config.json")
     assert config["family"] == "emmdit" and config["model"]["input_size"] == 16
     assert config["objective"]["kind"] == "rectified_flow" and config["objective"]["repa_weight"] == 0.5
     assert config["sampler"]["kind"] == "euler"
     assert config["model"]["repa"] is False and config["encoders"]["repa"] == "tiny-dinov2"
     assert config["unconditional"] == schema.UNCONDITIONAL_FILE
-    assert np.array_equal(schema.read_unconditional(export), schema.read_unconditional(data["synth"]))
-    assert all(np.isfinite(_losses(reference)))
-    weights = load_file(f"{export}/model.safetensors")
+    assert np.array_equal(schema.read_unconditional(export), schema.read_unconditional(emmdit_flow["latents"]))
+    assert all(np.isfinite(_losses(f"{emmdit_flow['root']}/train/stage1")))
+    weights = load_bytes(storage.read_bytes(f"{export}/model.safetensors"))
     assert not any(k.startswith("repa_projector") for k in weights)
     fam = families.get("emmdit")
     fam.build(fam.config_from_dict(config["model"])).load_state_dict(weights, strict=True)
-    ema = load_file(f"{export}/ema.safetensors")  # parameters only (the position table is a buffer)
+    ema = load_bytes(storage.read_bytes(f"{export}/ema.safetensors"))  # parameters only (positions: a buffer)
     assert ema and set(ema) <= set(weights)
     assert torch.isfinite(next(iter(weights.values()))).all()
+    stage2 = storage.read_json(f"{emmdit_flow['root']}/train/stage2/export/config.json")
+    assert stage2["stage"]["init"] == {"kind": "weights", "stage": "stage1", "path": None}
 
     files = generate(export, ["a large red circle on a white background, center"], str(tmp_path / "gen"),
                      GenerateConfig(steps=2, batch_size=1))
@@ -118,43 +68,76 @@ def test_repa_stage_exports_the_inference_network_that_generates(reference, data
     assert manifest["provenance"]["unconditional"].endswith(schema.UNCONDITIONAL_FILE)
 
 
-def test_stopped_repa_stage_resumes_to_the_same_losses(reference, data, tmp_path):
-    """The checkpoint carries the REPA projector and its optimizer state: the resumed losses are the
-    uninterrupted run's, bit for bit."""
+def test_stopped_repa_stage_resumes_from_s3_to_the_same_losses(emmdit_flow):
+    """The flow's REPA stage trained again under another S3 root, stopped after step 3 and rerun: the checkpoint
+    (on S3) carries the REPA projector and its optimizer state, so the resumed losses are the flow's, bit for
+    bit."""
+    from pipeline.core import storage
     from pipeline.train.stage import train_stage
 
+    cfg = _plan(emmdit_flow)
+    root = emmdit_flow["root"].replace("/run", "/resume")
+    latents = {"synthetic": emmdit_flow["latents"]}
     with faults.injected(stop_at_step=3):
         with pytest.raises(RuntimeError, match="stopped before its last step"):
-            train_stage(emmdit_stage(), MODEL, str(tmp_path), data, encoders=ENCODERS)
-    assert (tmp_path / "train" / "s1" / "checkpoint_000000003").is_dir()
-    train_stage(emmdit_stage(), MODEL, str(tmp_path), data, encoders=ENCODERS)
-    np.testing.assert_array_equal(_losses(str(tmp_path)), _losses(reference))
+            train_stage(cfg.stage("stage1"), cfg.model, root, latents, encoders=cfg.encoders)
+    assert storage.list_files(f"{root}/train/stage1/checkpoint_000000003", ".distcp")
+    train_stage(cfg.stage("stage1"), cfg.model, root, latents, encoders=cfg.encoders)
+    np.testing.assert_array_equal(_losses(f"{root}/train/stage1"),
+                                  _losses(f"{emmdit_flow['root']}/train/stage1"))
 
 
-def test_repa_without_features_is_refused_before_ray(data, tmp_path):
+def _local_copy(uri: str, dest, drop: str | None = None) -> str:
+    """The Parquet parts (and markers) of an S3 latents folder copied to `dest`, optionally without a column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.core import storage
+
+    dest.mkdir(parents=True)
+    for f in storage.list_files(uri, recursive=False):
+        data = storage.read_bytes(f)
+        name = f.rsplit("/", 1)[1]
+        if drop and name.endswith(".parquet"):
+            table = pq.read_table(pa.BufferReader(data)).drop_columns([drop])
+            pq.write_table(table, dest / name)
+        else:
+            (dest / name).write_bytes(data)
+    return str(dest)
+
+
+def test_repa_without_features_is_refused_before_ray(emmdit_flow, tmp_path):
     from pipeline.core import schema
     from pipeline.train.stage import train_stage
 
-    plain = {"synth": without_column(data["synth"], schema.REPA_FEATURES, tmp_path / "plain")}
-    with pytest.raises(ValueError, match="source 'synth' has no 'repa_features' column"):
-        train_stage(emmdit_stage(), MODEL, str(tmp_path / "run"), plain)
+    cfg = _plan(emmdit_flow)
+    plain = {"synthetic": _local_copy(emmdit_flow["latents"], tmp_path / "plain", drop=schema.REPA_FEATURES)}
+    with pytest.raises(ValueError, match="source 'synthetic' has no 'repa_features' column"):
+        train_stage(cfg.stage("stage1"), cfg.model, str(tmp_path / "run"), plain, encoders=cfg.encoders)
     # features of another shape than the network's REPA target (256 tokens x repa_dim) are refused too
+    from pipeline.core.plan import ModelSection
+
+    model = ModelSection.model_validate({**cfg.model.model_dump(), "repa_dim": 16})
     with pytest.raises(ValueError, match=r"shape \(256, 32\), but the network's REPA target is \(256, 16\)"):
-        train_stage(emmdit_stage(), {**MODEL, "repa_dim": 16}, str(tmp_path / "run"), data)
+        train_stage(cfg.stage("stage1"), model, str(tmp_path / "run"), {"synthetic": emmdit_flow["latents"]},
+                    encoders=cfg.encoders)
 
 
-def test_fine_tune_from_a_released_emmdit_file(data, tmp_path, ray_address):
-    """Two steps of a real Ray Train stage started from a file in Nitro-E's released layout (safetensors, its
-    tensor names, the persistent position table): the export is those weights moved a little, not a fresh init."""
+def test_fine_tune_from_a_released_emmdit_file(emmdit_flow, tmp_path):
+    """Two steps of a real Ray Train stage (one worker) started from a file in Nitro-E's released layout
+    (safetensors, its tensor names, the persistent position table): the export is those weights moved a little,
+    not a fresh init."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from model import family as families
+    from pipeline.core.plan import stage_config
     from pipeline.train.stage import train_stage
 
+    cfg = _plan(emmdit_flow)
     fam = families.get("emmdit")
     torch.manual_seed(5)
-    released = fam.build(fam.config("EMMDiT_Debug"))
+    released = fam.build(fam.config(cfg.model.preset))
     with torch.no_grad():
         for p in released.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -162,9 +145,11 @@ def test_fine_tune_from_a_released_emmdit_file(data, tmp_path, ray_address):
     assert "pos_embed.pos_embed" in state  # the release stores its sin-cos table
     path = str(tmp_path / "Nitro-E-debug.safetensors")
     save_file(state, path)
-    stage = emmdit_stage(0.0, name="ft", steps=2, lr=1e-6, schedule={"kind": "constant"}, checkpoint_every=2,
-                         init={"from": "weights", "path": path}, sample_prompts=0)
-    out = train_stage(stage, MODEL, str(tmp_path / "run"), data, encoders={"vae": "tiny-dcae", "text": "tiny-llama"})
+    stage = cfg.stage("stage2").model_dump()
+    stage.update(name="ft", steps=2, init={"kind": "weights", "path": path})
+    stage["optim"]["lr"], stage["sampling"]["prompts"] = 1e-6, 0
+    out = train_stage(stage_config(stage), cfg.model, str(tmp_path / "run"), {"synthetic": emmdit_flow["latents"]},
+                      encoders=cfg.encoders)
     tuned = load_file(f"{out}/model.safetensors")
     params = dict(released.named_parameters())
     moved = max(float((tuned[k] - params[k].detach()).abs().max()) for k in params)

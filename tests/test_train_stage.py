@@ -1,9 +1,13 @@
 """One training stage on real Ray Train (2 CPU workers, gloo, FSDP2): train, export, NaN guard, worker kill,
-stop and resume (same losses as an uninterrupted run), damaged checkpoints."""
+stop and resume (same losses as an uninterrupted run), damaged checkpoints, and what the live stage listens on."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
+import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.testing import faults
+from sockets import assert_loopback_only, watch_listeners
 from test_train_helpers import tiny_stage, write_latents
 
 pytestmark = pytest.mark.slow
@@ -22,19 +27,81 @@ def data(tmp_path_factory):
     return {"synth": write_latents(str(root / "synth"), rows=48)}
 
 
-@pytest.fixture(scope="module")
-def reference(ray_address, data, tmp_path_factory):
-    """An uninterrupted 8-step stage (the loss of step index 4 is forced to NaN); yields its root."""
+@contextlib.contextmanager
+def watch_train_metrics(run_name: str, every: float = 1.0):
+    """Record, while the block runs, the `ray_microdit_train_*` lines of run `run_name` that the head node's
+    metrics export serves (the workers' gauges leave with the workers, so they are read live)."""
     import ray
 
+    head = next(n for n in ray.nodes() if n["Alive"] and n.get("MetricsExportPort"))
+    url = f"http://{head['NodeManagerAddress']}:{head['MetricsExportPort']}/metrics"
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every):
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    text = r.read().decode()
+            except OSError:  # the node's exporter may still be starting
+                continue
+            seen.update(x for x in text.splitlines() if x.startswith("ray_microdit_train_")
+                        and f'ray_train_run_name="{run_name}"' in x)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_head, data, tmp_path_factory):
+    """An uninterrupted 8-step stage (the loss of step index 4 is forced to NaN); yields its root, every socket the
+    head's processes (the training workers among them) listened on while it ran, and the workers' Ray metrics."""
+    import ray
+
+    from pipeline.core.ray_cluster import connect
     from pipeline.train.stage import train_stage
 
+    connect(ray_head[0])
     root = str(tmp_path_factory.mktemp("ref"))
-    with faults.injected(nan_loss_steps=[4]):
+    with faults.injected(nan_loss_steps=[4]), watch_listeners(ray_head[1]) as listeners, \
+            watch_train_metrics("s1") as metrics:
         out = train_stage(tiny_stage(), "MicroDiT_Debug", root, data, encoders={"vae": "standin", "text": "tiny"})
     assert out == f"{root}/train/s1/export"
-    yield root
+    yield {"root": root, "listeners": set(listeners), "metrics": set(metrics)}
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> str:
+    return reference_run["root"]
+
+
+def test_a_live_stage_listens_on_loopback_only(reference_run):
+    """The training workers' sockets (the process group's rendezvous store on rank 0, gloo's pairs) while the
+    stage trains: on a single-machine head, nothing listens beyond loopback."""
+    socks = reference_run["listeners"]
+    assert [s for s in socks if "TrainWorker" in s[1]], f"no listener of a training worker was seen: {sorted(socks)}"
+    assert_loopback_only(socks)
+
+
+def test_worker_figures_reach_ray_metrics_by_run_and_rank(reference_run):
+    """Every rank's logged figures as Ray metrics, labelled like Ray Train's own (run name, world rank), with the
+    values the loop logged; only numbers (booleans as 0/1) become metrics."""
+    from pipeline.train.metrics import numeric, read_metrics
+
+    lines = reference_run["metrics"]
+    names = {re.match(r"ray_microdit_train_(\w+)\{", x).group(1) for x in lines}
+    assert {"loss", "samples_per_s", "step", "skipped", "data_wait_s"} <= names, lines
+    losses = {x for x in lines if x.startswith("ray_microdit_train_loss{")}
+    assert {re.search(r'ray_train_worker_world_rank="(\d)"', x).group(1) for x in losses} == {"0", "1"}
+    logged = {r["loss"] for r in read_metrics(f"{reference_run['root']}/train/s1")}
+    assert all(float(x.rsplit(" ", 1)[1]) in logged or x.endswith(" NaN") for x in losses), (losses, logged)
+    assert numeric({"loss": 0.5, "skipped": True, "note": "not a number"}) == {"loss": 0.5, "skipped": 1.0}
 
 
 def _losses(root: str) -> list[float]:
@@ -151,14 +218,33 @@ def _copy_unfinished(reference: str, dest: Path) -> Path:
     return dest / "train" / "s1"
 
 
-def test_damaged_checkpoint_is_a_clear_error(reference, data, tmp_path):
+def test_truncated_checkpoint_is_refused_on_the_driver(reference, data, tmp_path, ray_train_runs):
     from pipeline.train.stage import train_stage
 
     stage_dir = _copy_unfinished(reference, tmp_path)
     shard = stage_dir / "checkpoint_000000008" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
+    before = len(ray_train_runs())
     with pytest.raises(ValueError, match=r"checkpoint_000000008/__1_0\.distcp.*truncated"):
         train_stage(tiny_stage(), "MicroDiT_Debug", str(tmp_path), data)
+    assert len(ray_train_runs()) == before  # no Ray Train run was started
+
+
+def test_altered_checkpoint_ends_the_run_without_a_retry(reference, data, tmp_path, ray_train_runs):
+    """Bytes flipped in a shard (same size, so only its hash tells): rank 0 finds it while loading, every rank
+    ends the attempt, and the driver raises it; Ray Train does not retry what no retry fixes."""
+    from pipeline.train.stage import train_stage
+
+    stage_dir = _copy_unfinished(reference, tmp_path)
+    shard = stage_dir / "checkpoint_000000008" / "__1_0.distcp"
+    data_bytes = bytearray(shard.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data_bytes))
+    before = {r["id"] for r in ray_train_runs()}
+    with pytest.raises(ValueError, match=r"cannot start: .*checkpoint_000000008/__1_0\.distcp.*corrupt or altered"):
+        train_stage(tiny_stage(), "MicroDiT_Debug", str(tmp_path), data)
+    runs = [r for r in ray_train_runs() if r["id"] not in before]
+    assert [len(r["attempts"]) for r in runs] == [1], runs
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(reference, data, tmp_path):
@@ -172,6 +258,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(reference, data, tmp_path)
 def test_too_many_nonfinite_steps_stop_the_stage(reference, data, tmp_path):
     from pipeline.train.stage import train_stage
 
-    stage = tiny_stage(name="nan", steps=4, max_failures=0, max_consecutive_nonfinite=1, sample_prompts=0)
+    # One worker: the stop rule acts on the one global verdict per step; two ranks are the reference's business.
+    stage = tiny_stage(name="nan", steps=4, max_failures=0, max_consecutive_nonfinite=1, sample_prompts=0,
+                       num_workers=1, micro_batch=4)
     with faults.injected(nan_loss_steps=[0, 1, 2]), pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
         train_stage(stage, "MicroDiT_Debug", str(tmp_path), data)

@@ -6,6 +6,7 @@ import dataclasses
 from torch import nn
 
 from model.emmdit.config import PRESETS, EMMDiTConfig, flops_per_sample
+from model.objectives.configs import RectifiedFlowConfig
 from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
 
 DCAE = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
@@ -36,7 +37,7 @@ def fit(cfg: EMMDiTConfig, latent_shape, caption_shape, pos_interp_scale: float)
         raise ValueError(f"latent side {h} does not fit E-MMDiT: {e}") from None
 
 
-def training_flops(cfg: EMMDiTConfig, objective: dict) -> float:
+def training_flops(cfg: EMMDiTConfig, objective: RectifiedFlowConfig) -> float:
     # The projector runs only when REPA is on; the config's `repa` flag says whether it is built.
     return flops_per_sample(cfg)
 

@@ -5,6 +5,7 @@ import dataclasses
 
 from torch import nn
 
+from model.objectives.configs import EDMConfig
 from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
 from model.microdit.config import PRESETS, ModelConfig, flops_per_sample
 
@@ -26,8 +27,8 @@ def fit(cfg: ModelConfig, latent_shape, caption_shape, pos_interp_scale: float) 
     return dataclasses.replace(cfg, input_size=h, pos_interp_scale=pos_interp_scale)
 
 
-def training_flops(cfg: ModelConfig, objective: dict) -> float:
-    return flops_per_sample(cfg, objective.get("mask_ratio", 0.0))
+def training_flops(cfg: ModelConfig, objective: EDMConfig) -> float:
+    return flops_per_sample(cfg, objective.mask_ratio)
 
 
 FAMILY = Family(

@@ -12,31 +12,17 @@ precision the network computes in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from model.objectives.configs import EDMConfig
 
 __all__ = ["EDMConfig", "precondition", "denoise", "edm_loss", "loss_weight", "sample_sigmas",
            "masked_patch_mean", "drop_captions", "random_keep"]
 
 
-@dataclass
-class EDMConfig:
-    """EDM training constants: data std and the log-normal training noise ln(sigma) ~ N(p_mean, p_std^2)."""
-
-    sigma_data: float = 0.9
-    p_mean: float = -0.6
-    p_std: float = 1.2
-
-    def __post_init__(self) -> None:
-        if not self.sigma_data > 0:
-            raise ValueError(f"EDMConfig.sigma_data must be > 0, got {self.sigma_data}")
-        if not self.p_std > 0:
-            raise ValueError(f"EDMConfig.p_std must be > 0, got {self.p_std}")
-
-
-def precondition(sigma: torch.Tensor, sigma_data: float = 0.9):
+def precondition(sigma: torch.Tensor, sigma_data: float):
     """EDM scalings (c_skip, c_out, c_in, c_noise) for noise level(s) sigma, same shape as sigma."""
     s2 = sigma * sigma
     d2 = sigma_data * sigma_data
@@ -83,15 +69,15 @@ def random_keep(n: int, tokens: int, mask_ratio: float, generator: torch.Generat
     return ids.sort(dim=1).values.to(device)  # (N, K)
 
 
-def denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, caption: torch.Tensor,
-            mask_ratio: float = 0.0, generator: torch.Generator | None = None, sigma_data: float = 0.9,
+def denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, caption: torch.Tensor, sigma_data: float,
+            mask_ratio: float = 0.0, generator: torch.Generator | None = None,
             net_dtype: torch.dtype | None = None, keep_ids: torch.Tensor | None = None):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise); returns (D, keep), D in float32 (float64 if x is).
 
     c_skip, c_out, c_in, c_noise and the combination run in that precision; the network sees its own dtype
     (its parameters' dtype unless net_dtype is given) and casts further inside under mixed precision.
     keep_ids (N, K) select the kept tokens; without them a masking network draws its own from
-    mask_ratio and generator.
+    mask_ratio and generator (0: no masking).
     """
     x = x.to(_precision(x))
     sigma = _per_sample_sigma(sigma, x)  # (N,)
@@ -105,7 +91,7 @@ def denoise(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, captio
     return d, keep
 
 
-def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.9) -> torch.Tensor:
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """EDM loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2."""
     return (sigma * sigma + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
@@ -136,16 +122,16 @@ def masked_patch_mean(err: torch.Tensor, keep: torch.Tensor, patch_size: int | N
 
 
 def edm_loss(net: nn.Module, latents: torch.Tensor, caption: torch.Tensor, cfg: EDMConfig,
-             mask_ratio: float = 0.0, generator: torch.Generator | None = None,
-             sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             patch_size: int | None = None):
+             generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None, patch_size: int | None = None):
     """Weighted EDM denoising loss -> (scalar mean over the batch, per_sample (N,)).
 
     Noise levels and noise come from `generator` unless given (fixed sigma/noise make an evaluation loss).
     Captions are used as given: apply `drop_captions` first for classifier-free guidance training.
-    With masking the error counts only at kept patches; masked patches are ignored. Generator draws, in order:
+    With masking (cfg.mask_ratio) the error counts only at kept patches. Generator draws, in order:
     sigmas, noise, then the keep set (see the module docstring).
     """
+    mask_ratio = cfg.mask_ratio
     x0 = latents.float()
     n = x0.shape[0]
     if sigma is None:
@@ -157,8 +143,8 @@ def edm_loss(net: nn.Module, latents: torch.Tensor, caption: torch.Tensor, cfg: 
     keep_ids = None
     if mask_ratio > 0 and hasattr(net, "num_patches"):  # drawn here, after sigma and noise: compile-clean
         keep_ids = random_keep(n, net.num_patches, mask_ratio, generator, x0.device)  # (N, K)
-    d, keep = denoise(net, x, sigma, caption, mask_ratio=mask_ratio, generator=generator,
-                      sigma_data=cfg.sigma_data, keep_ids=keep_ids)
+    d, keep = denoise(net, x, sigma, caption, cfg.sigma_data, mask_ratio=mask_ratio, generator=generator,
+                      keep_ids=keep_ids)
     err = (d.float() - x0) ** 2  # (N, C, H, W)
     if keep is None:
         per = err.flatten(1).mean(dim=1)  # (N,)

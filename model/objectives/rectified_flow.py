@@ -6,29 +6,15 @@ Never imports the network. The network is any module with `net(x_t, t, caption) 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.objectives.configs import RectifiedFlowConfig
+
 __all__ = ["RectifiedFlowConfig", "sample_t", "interpolate", "velocity_target", "rf_loss", "repa_loss",
            "drop_captions"]
-
-
-@dataclass(frozen=True)
-class RectifiedFlowConfig:
-    """Rectified-flow training constants: logit-normal time density and the REPA loss weight."""
-
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    repa_weight: float = 0.5  # used by the trainer when DINOv2 features are given (stage 1)
-
-    def __post_init__(self) -> None:
-        if not self.logit_std > 0:
-            raise ValueError(f"RectifiedFlowConfig.logit_std must be > 0, got {self.logit_std}")
-        if self.repa_weight < 0:
-            raise ValueError(f"RectifiedFlowConfig.repa_weight must be >= 0, got {self.repa_weight}")
 
 
 def sample_t(n: int, cfg: RectifiedFlowConfig, generator: torch.Generator | None = None,

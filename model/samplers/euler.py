@@ -21,7 +21,7 @@ __all__ = ["EulerSampler", "EulerOutput", "flow_times", "guided_velocity", "make
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def flow_times(steps: int, t_min: float = 1e-3, device: torch.device | str = "cpu") -> torch.Tensor:
+def flow_times(steps: int, t_min: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Times 1 = t_0 > ... > t_{steps-1} = t_min, then a final 0 -> (steps + 1,) float64."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -83,7 +83,7 @@ def guided_velocity(net: nn.Module | Velocity, guidance: float | None,
 class EulerSampler:
     """Euler integration of dx/dt = v(x, t) from t = 1 to t = 0: `steps` velocity evaluations."""
 
-    def __init__(self, steps: int = 20, t_min: float = 1e-3):
+    def __init__(self, steps: int, t_min: float = 1e-3):
         self.t_min = float(t_min)
         self.set_timesteps(steps)
 
@@ -107,7 +107,7 @@ class EulerSampler:
 
     @torch.no_grad()
     def sample(self, net: nn.Module | Velocity, noise: torch.Tensor, caption: torch.Tensor,
-               guidance: float | None = 4.5, uncond: torch.Tensor | None = None) -> torch.Tensor:
+               guidance: float | None, uncond: torch.Tensor | None = None) -> torch.Tensor:
         """Draw samples from standard normal `noise` (N, C, H, W) given captions; returns float32 latents.
 
         `net` is a network `net(x, t, caption) -> v` or a velocity callable. guidance None runs the conditional

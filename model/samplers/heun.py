@@ -19,7 +19,7 @@ __all__ = ["HeunSampler", "HeunOutput", "karras_sigmas", "guided_denoiser", "mak
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """EDM noise levels sigma_0 > ... > sigma_{steps-1} = sigma_min, then a final 0 -> (steps + 1,) float64."""
     if steps < 1:
@@ -41,7 +41,7 @@ class HeunOutput:
     denoised: torch.Tensor
 
 
-def guided_denoiser(net: nn.Module | Denoiser, guidance: float | None, sigma_data: float = 0.9) -> Denoiser:
+def guided_denoiser(net: nn.Module | Denoiser, guidance: float | None, sigma_data: float) -> Denoiser:
     """Wrap a network (MicroDiT forward) or a denoiser callable with classifier-free guidance.
 
     guidance None: conditional only (one forward). Otherwise D = D_u + g (D_c - D_u), where the
@@ -49,7 +49,7 @@ def guided_denoiser(net: nn.Module | Denoiser, guidance: float | None, sigma_dat
     """
     if isinstance(net, nn.Module):
         def base(x, sigma, caption):
-            return denoise(net, x, sigma, caption, sigma_data=sigma_data)[0]
+            return denoise(net, x, sigma, caption, sigma_data)[0]
     else:
         base = net
 
@@ -77,7 +77,7 @@ def make_noise(shape, seed: int | None, device: torch.device | str = "cpu") -> t
 class HeunSampler:
     """EDM deterministic Heun sampler: 2 * steps - 1 denoiser evaluations, last step plain Euler to sigma 0."""
 
-    def __init__(self, steps: int = 30, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    def __init__(self, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.set_timesteps(steps)
 
@@ -108,7 +108,7 @@ class HeunSampler:
 
     @torch.no_grad()
     def sample(self, net: nn.Module | Denoiser, noise: torch.Tensor, caption: torch.Tensor,
-               guidance: float | None = 5.0, sigma_data: float = 0.9) -> torch.Tensor:
+               guidance: float | None, sigma_data: float) -> torch.Tensor:
         """Draw samples from standard normal `noise` (N, C, H, W) given captions; returns float32 latents.
 
         `net` is a network with the MicroDiT forward (EDM preconditioning is applied here) or a

@@ -55,13 +55,6 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def boto3_client():
-    """A boto3 S3 client on the configured endpoint."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint_url())
-
-
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -66,6 +66,7 @@ def equal_compute_plan(model_cfg, stage_cfg, budget_flops: float | None = None,
 def run_curves(root: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Metric rows of a run's stages in order, with cumulative `samples` and `flops`; plus totals."""
     from model import family as families
+    from model.objectives.configs import config_from_dict as objective_config
     from pipeline.report.report import stage_fields
 
     rows, samples, flops = [], 0, 0.0
@@ -78,8 +79,8 @@ def run_curves(root: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if model is None or not stage.get("global_batch"):
             raise ValueError(f"{export!r} needs 'model' and the stage's global batch to count FLOPs")
         fam = families.get(config.get("family", "microdit"))
-        objective = config.get("objective") or {"mask_ratio": float(stage.get("mask_ratio") or 0.0)}
-        fps = fam.flops_per_sample(fam.config_from_dict(model), objective)
+        objective = config.get("objective") or {"kind": "edm", "mask_ratio": float(stage.get("mask_ratio") or 0.0)}
+        fps = fam.flops_per_sample(fam.config_from_dict(model), objective_config(objective))
         batch, last = int(stage["global_batch"]), 0
         for r in read_jsonl(storage.join(root, "train", name, "metrics.jsonl")):
             n = (r["step"] - last) * batch

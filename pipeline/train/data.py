@@ -115,9 +115,19 @@ def dataset_name(source: str, sources: Mapping[str, Any]) -> str:
     return "train" if len(sources) == 1 else f"train_{source}"
 
 
+def read_footer(uri: str) -> pq.FileMetaData:
+    """One latent file's Parquet footer; ValueError naming the file when it is not readable Parquet."""
+    fs, path = storage.filesystem(uri)
+    try:
+        return pq.read_metadata(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as e:
+        size = fs.get_file_info(path).size
+        raise ValueError(f"latent file {uri!r} ({size} bytes) is not a readable Parquet file (truncated or "
+                         f"damaged): {e}; delete it and rerun precompute for this source") from None
+
+
 def _footers(uri: str) -> list[pq.FileMetaData]:
-    fs, _ = storage.filesystem(uri)
-    return [pq.read_metadata(storage.filesystem(f)[1], filesystem=fs) for f in parquet_files(uri)]
+    return [read_footer(f) for f in parquet_files(uri)]
 
 
 def source_rows(uri: str) -> int:
@@ -130,6 +140,21 @@ def source_bytes(uri: str) -> int:
     return sum(m.row_group(i).total_byte_size for m in _footers(uri) for i in range(m.num_row_groups))
 
 
+def candidate_sources(latents: Mapping[str, str], mixture: Mapping[str, float],
+                      exclude: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """The sources a stage may draw from (mixture and exclusions applied, weights not yet read): their files are
+    checked before anything reads their footers."""
+    missing = sorted(s for s, w in mixture.items() if s not in latents and w > 0)
+    if missing:
+        raise ValueError(f"mixture names source(s) {missing} that have no latents; available: {sorted(latents)}")
+    names = [s for s, w in mixture.items() if w > 0] if mixture else list(latents)
+    found = {s: latents[s] for s in sorted(names) if s in latents and s not in set(exclude)}
+    if not found:
+        raise ValueError(f"no source left to train on: latents {sorted(latents)}, mixture {dict(mixture)}, "
+                         f"exclude_sources {list(exclude)}")
+    return found
+
+
 def mixture_weights(latents: Mapping[str, str], mixture: Mapping[str, float],
                     exclude: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
     """Normalised sampling weights over the sources used.
@@ -138,17 +163,8 @@ def mixture_weights(latents: Mapping[str, str], mixture: Mapping[str, float],
     the listed weights (unlisted sources are left out; a listed source without latents is an error unless
     its weight is 0).
     """
-    missing = sorted(s for s, w in mixture.items() if s not in latents and w > 0)
-    if missing:
-        raise ValueError(f"mixture names source(s) {missing} that have no latents; available: {sorted(latents)}")
-    if mixture:
-        raw = {s: float(w) for s, w in mixture.items() if s in latents}
-    else:
-        raw = {s: float(source_rows(uri)) for s, uri in latents.items()}
-    raw = {s: w for s, w in raw.items() if w > 0 and s not in set(exclude)}
-    if not raw:
-        raise ValueError(f"no source left to train on: latents {sorted(latents)}, mixture {dict(mixture)}, "
-                         f"exclude_sources {list(exclude)}")
+    used = candidate_sources(latents, mixture, exclude)
+    raw = {s: float(mixture[s]) if mixture else float(source_rows(uri)) for s, uri in used.items()}
     total = sum(raw.values())
     return {s: w / total for s, w in sorted(raw.items())}
 

@@ -11,19 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.core import schema, storage
+from pipeline.core import schema
+from pipeline.train.data import parquet_files, read_footer
 
 
 def _read_schema(uri: str) -> pa.Schema:
-    fs, path = storage.filesystem(uri)
-    try:
-        return pq.read_schema(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
-        size = fs.get_file_info(path).size
-        raise ValueError(f"latent file {uri!r} ({size} bytes) is not a readable Parquet file (truncated or "
-                         f"damaged): {e}; delete it and rerun precompute for this source") from None
+    return read_footer(uri).schema.to_arrow_schema()
 
 
 def _shapes(uri: str, s: pa.Schema, resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -42,8 +36,6 @@ def _shapes(uri: str, s: pa.Schema, resolution: int) -> tuple[tuple[int, ...], t
 def check_sources(latents: Mapping[str, str], resolution: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(latent shape (C, H, W), caption shape (L, D)) shared by every file of every source; ValueError naming the
     first file that is unreadable or disagrees (its column, its shape and the expected one)."""
-    from pipeline.train.data import parquet_files
-
     expected, first = None, None
     for source, uri in latents.items():
         for f in parquet_files(uri):
@@ -63,8 +55,6 @@ def check_sources(latents: Mapping[str, str], resolution: int) -> tuple[tuple[in
 def check_repa_features(latents: Mapping[str, str], shape: tuple[int, ...]) -> None:
     """Every file of every source holds REPA features of `shape` (the network's group-1 tokens x projector width);
     ValueError naming the first source and file that lacks the column or holds another shape."""
-    from pipeline.train.data import parquet_files
-
     name = schema.REPA_FEATURES
     for source, uri in latents.items():
         for f in parquet_files(uri):

@@ -17,12 +17,28 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.core import schema, storage
-from pipeline.core.plan import StageConfig, stage_config
+from pipeline.core.plan import StageConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import hooks as train_hooks
 from pipeline.train.data import MixtureStream
 from pipeline.train.metrics import MetricsLogger, RayGauges, memory_gb, numeric, peak_flops
 from pipeline.train.parallelize import build_mesh, parallelize
+from pipeline.train.worker_plan import WorkerPlan
+
+
+class StageRefused(ValueError):
+    """The stage cannot start and no retry would change that: a checkpoint that fails its integrity check, or
+    weights of another model. Every rank returns with the reason instead of raising (a raise is a worker failure
+    that Ray Train retries); `train_stage` raises it on the driver."""
+
+
+def agree_on_refusal(reason: str | None) -> str | None:
+    """The first rank's refusal, seen by every rank; a collective, so every rank calls it at the same point."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return reason
+    found: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, reason)
+    return next((r for r in found if r), None)
 
 
 def micro_generator(stage: StageConfig, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
@@ -44,33 +60,33 @@ def build_model(family: str, model_cfg: dict[str, Any], stage: StageConfig, weig
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"weights {weights_uri!r} do not fit this stage's model: {e}") from e
+            raise StageRefused(f"weights {weights_uri!r} do not fit this stage's model: {e}") from e
     return model
 
 
-def build_sharded_model(config: dict[str, Any], stage: StageConfig, device: torch.device, world: int,
-                        weights_uri: str | None):
+def build_sharded_model(plan: WorkerPlan, device: torch.device, world: int, weights_uri: str | None):
     """The family's network, sharded: built on the meta device and materialised shard by shard (no rank holds
     the whole unsharded model), or, for a family that cannot replay its init that way, built whole and sharded.
     Parameters are the same either way: the seeded plain build's, or the given weights."""
     from model import family as families
     from pipeline.train.build import build_training_model
 
-    b, fam = stage.batch, families.get(config["family"])
+    stage, export = plan.stage, plan.export
+    b, fam = stage.batch, families.get(export.family)
     mesh = build_mesh(world, device.type)
     levers = dict(bf16=device.type == "cuda", compile=b.compile, activation_checkpointing=b.activation_checkpointing,
                   float8=b.float8)
     state = ckpt.load_weights(weights_uri) if weights_uri else None
     try:
-        return build_training_model(config["model"], stage.seed, mesh, device=device, family=fam.name,
+        return build_training_model(export.model, stage.seed, mesh, device=device, family=fam.name,
                                     init_weights_state=state, **levers)
     except NotImplementedError:  # its network cannot be rebuilt on meta (see pipeline/train/build.py)
         pass
-    except ValueError as e:
+    except ValueError as e:  # the same weights and check on every rank: all of them refuse here
         if state is None:
             raise
-        raise ValueError(f"weights {weights_uri!r} do not fit this stage's model: {e}") from e
-    model = build_model(config["family"], config["model"], stage, weights_uri)
+        raise StageRefused(f"weights {weights_uri!r} do not fit this stage's model: {e}") from e
+    model = build_model(export.family, export.model, stage, weights_uri)
     return parallelize(model, mesh, units=fam.shard_units, **levers)
 
 
@@ -91,8 +107,16 @@ def load_checkpoint(app, uri_or_ckpt, rank: int, world: int, model_cfg: dict, *,
     checkpoint = uri_or_ckpt if isinstance(uri_or_ckpt, ray.train.Checkpoint) else \
         ray.train.Checkpoint(path=storage.filesystem(uri_or_ckpt)[1], filesystem=storage.filesystem(uri_or_ckpt)[0])
     with checkpoint.as_directory() as folder:
-        ckpt.verify(folder, hash_all=rank == 0)  # signatures everywhere; one full hash read is enough
-        ckpt.check_model_config(folder, model_cfg)
+        try:
+            ckpt.verify(folder, hash_all=rank == 0)  # signatures everywhere; one full hash read is enough
+            ckpt.check_model_config(folder, model_cfg)
+            reason = None
+        except ValueError as e:  # CheckpointIntegrityError included
+            reason = str(e)
+        # Before DCP's collective load: a rank that found damage must not leave the others waiting in it.
+        reason = agree_on_refusal(reason)
+        if reason:
+            raise StageRefused(reason)
         ckpt.load_local(app, folder, rank, world, restore_rng=same_stage)
 
 
@@ -100,8 +124,7 @@ def load_checkpoint(app, uri_or_ckpt, rank: int, world: int, model_cfg: dict, *,
 class Worker:
     """One rank's training state: the sharded model, optimizer, EMA and counters, with its stage settings."""
 
-    stage: StageConfig
-    config: dict[str, Any]
+    plan: WorkerPlan
     rank: int
     world: int
     device: torch.device
@@ -111,35 +134,40 @@ class Worker:
     train: ckpt.TrainState
 
     @property
+    def stage(self) -> StageConfig:
+        return self.plan.stage
+
+    @property
     def app(self) -> ckpt.AppState:
         return ckpt.AppState(self.model, self.optimizer, self.ema, self.train)
 
 
-def build_worker(config: dict[str, Any]) -> Worker:
+def build_worker(plan: WorkerPlan) -> Worker:
     """Build the model on CPU (same seed on every rank), shard it, then resume or start as the stage says."""
     import ray.train
     import ray.train.torch
     from model.ema import EMA
     from pipeline.train.optim import build_optimizer
 
-    stage = stage_config(config["stage"])
+    stage = plan.stage
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     b = stage.batch
     device = ray.train.torch.get_device() if b.use_gpu else torch.device("cpu")
     if device.type == "cpu" and b.cpu_threads:
         torch.set_num_threads(b.cpu_threads)
-    resume = ray.train.get_checkpoint() or config.get("resume_checkpoint")
+    start = plan.start
+    resume = ray.train.get_checkpoint() or (start.uri if start.kind == "resume" else None)
 
-    model = build_sharded_model(config, stage, device, world, None if resume else config.get("init_weights"))
+    model = build_sharded_model(plan, device, world, start.uri if start.kind == "weights" and not resume else None)
     o = stage.optim
     optimizer = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay, o.moe_lr_scale)
     ema = EMA(model, o.ema.decay, o.ema.start_step, o.ema.update_every)
-    w = Worker(stage, config, rank, world, device, model, optimizer, ema, ckpt.TrainState())
+    w = Worker(plan, rank, world, device, model, optimizer, ema, ckpt.TrainState())
     if resume is not None:  # this stage's own latest checkpoint: continue exactly
-        load_checkpoint(w.app, resume, rank, world, config["model"], same_stage=True)
-    elif config.get("init_checkpoint"):  # another stage's final full state: continue its counters and moments
-        load_checkpoint(w.app, config["init_checkpoint"], rank, world, config["model"], same_stage=False)
+        load_checkpoint(w.app, resume, rank, world, plan.export.model, same_stage=True)
+    elif start.kind == "full_state":  # another stage's final full state: continue its counters and moments
+        load_checkpoint(w.app, start.uri, rank, world, plan.export.model, same_stage=False)
         w.train.stage_step, w.train.data = 0, {}
         w.train.nonfinite_total = w.train.nonfinite_consecutive = 0
     apply_stage_hyperparams(optimizer, ema, stage)
@@ -192,31 +220,38 @@ def train_step(w: Worker, stream: MixtureStream, step: int, objective, hooks) ->
     return float(stats[0] / w.world), float(grad_norm), finite, data_s
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: build, shard, resume, train the stage's steps, checkpoint, sample, export."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
+    """Ray Train entry point: build, shard, resume, train the stage's steps, checkpoint, sample, export.
+
+    `config` is the stage's WorkerPlan as Ray Train hands it over (a dict), validated here once. Returns
+    {"refused": reason} (rank 0's return value reaches the driver) when the stage cannot start."""
     import ray.train
-    from model import objectives
+    from model.objectives.objective import build as build_objective
     from pipeline.train.optim import apply_lr, stage_lr_lambda
 
-    w = build_worker(config)
+    plan = WorkerPlan.received(config)
+    try:
+        w = build_worker(plan)
+    except StageRefused as e:
+        return {"refused": str(e)}
     stage, t = w.stage, w.train
-    hooks = train_hooks.load(config.get("hooks"))
-    stream = MixtureStream({n: ray.train.get_dataset_shard(n) for n in config["weights_by_dataset"]},
-                           config["weights_by_dataset"], stage.batch.micro_batch, stage.seed,
+    hooks = train_hooks.load(plan.hooks)
+    stream = MixtureStream({n: ray.train.get_dataset_shard(n) for n in plan.weights_by_dataset},
+                           plan.weights_by_dataset, stage.batch.micro_batch, stage.seed,
                            stage.data.shuffle_buffer, w.rank)
     stream.load_state_dict(t.data)
-    logger = MetricsLogger(config["stage_uri"], t.stage_step) if w.rank == 0 else None
+    logger = MetricsLogger(plan.stage_uri, t.stage_step) if w.rank == 0 else None
     gauges = RayGauges(ray.train.get_context().get_experiment_name(), w.rank)
-    objective = objectives.build(stage.objective.model_dump()).bind(unconditional=unconditional_of(config))
+    objective = build_objective(stage.objective.config()).bind(unconditional=unconditional_of(plan))
     lr_fn = stage_lr_lambda(stage)
     peak = peak_flops(stage.batch.peak_flops) if w.device.type == "cuda" else None
-    prompts = torch.as_tensor(config["prompts"], dtype=torch.float32, device=w.device)  # (K, L, D)
+    prompts = torch.as_tensor(plan.prompts, dtype=torch.float32, device=w.device)  # (K, L, D)
     window_t, window_steps, window_data_s = time.perf_counter(), 0, 0.0
     w.model.train()
 
     while t.stage_step < stage.steps:
         step = t.stage_step
-        hooks.before_step(config["stage_uri"], step, w.rank)
+        hooks.before_step(plan.stage_uri, step, w.rank)
         lr = stage.optim.lr * lr_fn(step)
         apply_lr(w.optimizer, lr)
         loss, grad_norm, stepped, data_s = train_step(w, stream, step, objective, hooks)
@@ -234,32 +269,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "data_wait_s": window_data_s / window_steps,  # rank 0's input wait: input-bound if near step_s
                    "nonfinite_total": t.nonfinite_total, "skipped": not stepped, **memory_gb()}
             if peak:
-                row["mfu"] = sps * config["flops_per_sample"] / (peak * w.world)
+                row["mfu"] = sps * plan.flops_per_sample / (peak * w.world)
             if logger:
                 logger.log(row)
             gauges.set(row)  # this rank's figures (its own input wait, memory) for the dashboard's metrics
             window_t, window_steps, window_data_s = time.perf_counter(), 0, 0.0
         stop = hooks.stop_after(t.stage_step)
         if t.stage_step % stage.checkpoint.every == 0 or done or stop:
-            save_checkpoint(w.app, w.rank, w.world, config, {**numeric(row or {}), "step": t.stage_step,
-                                                             "loss": loss})
+            save_checkpoint(w.app, w.rank, w.world, plan, {**numeric(row or {}), "step": t.stage_step,
+                                                           "loss": loss})
         elif row is not None:  # every rank, as Ray Train asks: the run's latest metrics without a checkpoint
             ray.train.report(numeric(row))
         if stage.sampling.every and t.stage_step % stage.sampling.every == 0 and not done:
-            maybe_sample(w.model, w.ema, prompts, objective, stage, config, t.stage_step, w.rank)
+            maybe_sample(w.model, w.ema, prompts, objective, plan, t.stage_step, w.rank)
         if stop:
             if logger:
                 logger.close()
-            return
+            return None
 
-    maybe_sample(w.model, w.ema, prompts, objective, stage, config, t.stage_step, w.rank)
+    maybe_sample(w.model, w.ema, prompts, objective, plan, t.stage_step, w.rank)
     finish(w, logger)
+    return None
 
 
-def unconditional_of(config: dict[str, Any]) -> torch.Tensor | None:
-    """The stage's unconditional caption (tokens, width) float32, read from the latents folder its config names;
+def unconditional_of(plan: WorkerPlan) -> torch.Tensor | None:
+    """The stage's unconditional caption (tokens, width) float32, read from the latents folder its plan names;
     None (zeros) when it names none."""
-    folder = config.get("unconditional")
+    folder = plan.unconditional_from
     if folder is None:
         return None
     u = schema.read_unconditional(folder)
@@ -285,46 +321,43 @@ def finish(w: Worker, logger: MetricsLogger | None) -> None:
     """Gather full weights and EMA, and (rank 0) write the export with its marker last."""
     model_sd, ema_sd = ckpt.full_state_dicts(w.model, w.ema)
     if w.rank == 0:
-        export_model, model_sd, ema_sd = inference_weights(w.config["family"], w.config["model"], model_sd, ema_sd)
-        t, config = w.train, w.config
-        final = storage.join(config["stage_uri"], ckpt.checkpoint_dir_name(t.stage_step))
-        uncond = unconditional_of(config)
+        plan, t = w.plan, w.train
+        export_model, model_sd, ema_sd = inference_weights(plan.export.family, plan.export.model, model_sd, ema_sd)
+        uncond = unconditional_of(plan)
         if uncond is not None:  # before the export's marker: generate draws against the same empty prompt
             # The empty prompt is BOS then pads, so its last row is the pad row.
-            schema.write_unconditional(config["export_uri"], uncond.numpy(), uncond[-1].numpy())
-        # Everything needed to use the weights again: family, network, objective constants, encoders, sampler.
-        ckpt.export(config["export_uri"], model_sd, ema_sd, {
-            "family": config["family"], "model": export_model, "objective": config["stage"]["objective"],
-            "encoders": config["encoders"], "sampler": config["sampler"], "stage": config["stage"],
-            "unconditional": schema.UNCONDITIONAL_FILE if uncond is not None else None,
-            "step": t.stage_step,
-            "global_step": t.global_step, "final_checkpoint": final, "nonfinite_total": t.nonfinite_total})
+            schema.write_unconditional(plan.export_uri, uncond.numpy(), uncond[-1].numpy())
+        # The plan's export section (family, network, objective, encoders, sampler, stage) and the run's counters.
+        export = plan.export.model_copy(update=dict(
+            model=export_model, step=t.stage_step, global_step=t.global_step, nonfinite_total=t.nonfinite_total,
+            final_checkpoint=storage.join(plan.stage_uri, ckpt.checkpoint_dir_name(t.stage_step))))
+        ckpt.export(plan.export_uri, model_sd, ema_sd, export.model_dump(mode="json"))
         logger.close()
     dist.barrier()
 
 
-def save_checkpoint(app, rank: int, world: int, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+def save_checkpoint(app, rank: int, world: int, plan: WorkerPlan, metrics: dict[str, Any]) -> None:
     """Every rank saves its DCP shard locally and reports it; Ray Train merges them into one folder."""
     import ray.train
 
-    extra = {ckpt.MODEL_CONFIG: config["model"], ckpt.STAGE_CONFIG: config["stage"]}
+    extra = {ckpt.MODEL_CONFIG: plan.export.model, ckpt.STAGE_CONFIG: plan.stage.model_dump(mode="json")}
     with tempfile.TemporaryDirectory(prefix="mdit-ckpt-") as folder:
         ckpt.save_local(app, folder, rank, world, extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=ckpt.checkpoint_dir_name(app.train.stage_step))
 
 
-def maybe_sample(model, ema, prompts: torch.Tensor, objective, stage: StageConfig, config: dict, step: int,
-                 rank: int) -> None:
+def maybe_sample(model, ema, prompts: torch.Tensor, objective, plan: WorkerPlan, step: int, rank: int) -> None:
     """A sample grid from the fixed prompts with EMA weights (all ranks run the sharded model; rank 0 writes)."""
     from pipeline.train.samples import sample_latents, write_grid
 
-    s = stage.sampling
+    stage, s = plan.stage, plan.stage.sampling
     if prompts.shape[0] == 0 or s.prompts == 0:
         return
     model.eval()  # FSDP's bf16 policy already covers the sampler's forwards on GPU
-    latents = sample_latents(model, ema, prompts, config["latent_shape"], objective, steps=s.steps,
+    latents = sample_latents(model, ema, prompts, plan.latent_shape, objective, steps=s.steps,
                              guidance=s.guidance, seed=stage.seed)
     model.train()
     if rank == 0:
-        write_grid(config["stage_uri"], step, latents, (config.get("encoders") or {}).get("vae"))
+        encoders = plan.export.encoders
+        write_grid(plan.stage_uri, step, latents, encoders.vae if encoders else None)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 from pipeline.core import layout, schema, storage
 from pipeline.core.layout import Layout
@@ -21,8 +20,9 @@ from pipeline.core.plan import EncodersConfig, ModelSection, StageConfig, stage_
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import hooks
 from pipeline.train.inputs import check_repa_features, check_sources
-from pipeline.train.data import (build_datasets, dataset_name, fixed_prompts, mixture_weights,
-                                 unconditional)
+from pipeline.train.worker_plan import ExportSection, SamplerSection, StartFrom, WorkerPlan
+from pipeline.train.data import (build_datasets, candidate_sources, dataset_name, fixed_prompts,
+                                 mixture_weights, unconditional)
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def _latest_checkpoint(run: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def resolve_init(root: str, stage: StageConfig, model_dict: dict, family: str = "microdit") -> dict[str, Any]:
-    """Worker inputs for the stage's start: nothing (own checkpoint / scratch), a full state, or weights.
+def resolve_init(root: str, stage: StageConfig, model_dict: dict, family: str) -> StartFrom:
+    """Where the stage's workers start: its own checkpoint, scratch, another stage's full state, or weights.
 
     Weights from `init.path` (an export folder or a released file) are loaded and shape-checked here against
     the stage's network before any worker starts; a released file is converted once under the stage folder.
@@ -127,24 +127,29 @@ def resolve_init(root: str, stage: StageConfig, model_dict: dict, family: str = 
         ckpt.check_model_config(own, model_dict)
         # Named explicitly: a checkpoint folder committed just before the driver died is not yet in Ray
         # Train's snapshot, and `get_checkpoint()` alone would then restart the stage from step 0.
-        return {"resume_checkpoint": own}
+        return StartFrom(kind="resume", uri=own)
     if stage.init.kind == "scratch":
-        return {}
-    if stage.init.path:
+        return StartFrom()
+    if stage.init.kind == "weights":
+        # An init.path (an export or a released file) or an earlier stage's export, checked against this stage's
+        # network here, before any worker starts.
         from pipeline.weights import prepare_init
 
+        source = stage.init.path or _finished_export(root, stage.init.stage, stage.name)
         work = storage.join(stage_uri(root, stage.name), "init")
-        return {"init_weights": prepare_init(stage.init.path, family, model_dict, work)}
-    prev = stage.init.stage
-    if not is_done(root, prev):
-        raise FileNotFoundError(f"stage {stage.name!r} starts from stage {prev!r}, which has not finished: "
-                                f"{export_uri(root, prev)!r} has no {layout.MARKER}; train {prev!r} first")
-    if stage.init.kind == "weights":
-        return {"init_weights": storage.join(export_uri(root, prev), "model.safetensors")}
-    final = storage.read_json(storage.join(export_uri(root, prev), "config.json"))["final_checkpoint"]
+        return StartFrom(kind="weights", uri=prepare_init(source, family, model_dict, work))
+    final = storage.read_json(storage.join(_finished_export(root, stage.init.stage, stage.name),
+                                           "config.json"))["final_checkpoint"]
     ckpt.verify(final, hash_all=False)
     ckpt.check_model_config(final, model_dict)
-    return {"init_checkpoint": final}
+    return StartFrom(kind="full_state", uri=final)
+
+
+def _finished_export(root: str, prev: str, stage: str) -> str:
+    if not is_done(root, prev):
+        raise FileNotFoundError(f"stage {stage!r} starts from stage {prev!r}, which has not finished: "
+                                f"{export_uri(root, prev)!r} has no {layout.MARKER}; train {prev!r} first")
+    return export_uri(root, prev)
 
 
 def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, root: str,
@@ -164,6 +169,7 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
 
     from pipeline.core.ray_cluster import connect
     from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.process_group import BoundTorchConfig
 
     stage = stage_config(stage)
     model = ModelSection(preset=model) if isinstance(model, str) else ModelSection.model_validate(model)
@@ -174,13 +180,15 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
         return out
     latents = dict(latents) if latents else discover_latents(root)
     d = stage.data
+    # Every file of every source the stage may use, checked (and named when damaged) before any reader of them.
+    latent_shape, caption_shape = check_sources(candidate_sources(latents, d.mixture, d.exclude_sources),
+                                                d.resolution)
     weights = mixture_weights(latents, d.mixture, d.exclude_sources)
     used = {s: latents[s] for s in weights}
-    latent_shape, caption_shape = check_sources(used, d.resolution)  # every file, before any worker
     fam, model_cfg = stage_model_config(model, stage, latent_shape, caption_shape)
     model_dict = fam.config_to_dict(model_cfg)
     uncond = check_objective_inputs(stage, fam, used, model_cfg)
-    init = resolve_init(root, stage, model_dict, fam.name)
+    start = resolve_init(root, stage, model_dict, fam.name)
 
     connect(ray_address)
     import ray.data
@@ -191,25 +199,24 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
     run = stage_uri(root, stage.name)
     if captions:
         storage.write_json(storage.join(run, "samples", "prompts.json"), captions)
-    objective = stage.objective.model_dump(mode="json")
-    config = {
-        "stage": stage.model_dump(mode="json"), "family": fam.name, "model": model_dict, "stage_uri": run,
-        "export_uri": out, "encoders": encoders.model_dump(mode="json") if encoders else None,
-        "sampler": dataclasses.asdict(fam.sampler), "weights_by_dataset": {dataset_name(s, used): w
-                                                                          for s, w in weights.items()},
-        "latent_shape": shapes["latent_shape"], "prompts": prompts,
-        "flops_per_sample": fam.flops_per_sample(model_cfg, objective),
-        "hooks": hooks.spec_from_env(),  # test-only fault injection, when MICRODIT_TRAIN_HOOKS is set
+    plan = WorkerPlan(
+        export=ExportSection(family=fam.name, model=model_dict, objective=stage.objective, encoders=encoders,
+                             sampler=SamplerSection(**dataclasses.asdict(fam.sampler)), stage=stage,
+                             unconditional=schema.UNCONDITIONAL_FILE if uncond is not None else None),
+        stage_uri=run, export_uri=out, start=start,
+        weights_by_dataset={dataset_name(s, used): w for s, w in weights.items()},
+        latent_shape=shapes["latent_shape"], prompts=prompts.tolist(),
+        flops_per_sample=fam.flops_per_sample(model_cfg, stage.objective.config()),
         # Where the empty prompt's embedding (tokens, width) lies, for caption dropout, sample grids and the
         # export (every source holds the same one, checked above); None: zeros.
-        "unconditional": next(iter(used.values())) if uncond is not None else None,
-        **init,
-    }
+        unconditional_from=next(iter(used.values())) if uncond is not None else None,
+        hooks=hooks.spec_from_env())  # test-only fault injection, when MICRODIT_TRAIN_HOOKS is set
     b, c = stage.batch, stage.checkpoint
     fs, train_path = storage.filesystem(Layout(root).train_root)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=plan.model_dump(mode="json"),  # validated again, once, in each worker
+        torch_config=BoundTorchConfig(),  # the rendezvous listens on rank 0's Ray address only
         scaling_config=ScalingConfig(num_workers=b.num_workers, use_gpu=b.use_gpu,
                                      resources_per_worker={"CPU": b.cpus_per_worker, **b.resources}),
         run_config=RunConfig(
@@ -221,15 +228,15 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
         dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True),
                                   enable_shard_locality=False),
     )
-    log.info("training stage %s: %s", stage.name, {k: config[k] for k in ("weights_by_dataset", "latent_shape")})
+    log.info("training stage %s: sources %s, latents %s", stage.name, plan.weights_by_dataset, plan.latent_shape)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        if "CheckpointIntegrityError" in str(e) or "do not fit this stage's model" in str(e):
-            # No retry fixes these: a tampered checkpoint, or weights of another model.
-            raise ValueError(f"stage {stage.name!r} cannot start: {e}") from e
         raise RuntimeError(f"stage {stage.name!r} failed (checkpoints kept under {run!r}; rerun to resume): "
                            f"{e}") from e
+    refused = result.return_value.get("refused") if isinstance(result.return_value, dict) else None
+    if refused:  # the workers found what no retry fixes (a damaged checkpoint, weights of another model)
+        raise ValueError(f"stage {stage.name!r} cannot start: {refused}")
     if not is_done(root, stage.name):
         raise RuntimeError(f"stage {stage.name!r} stopped before its last step (no {layout.MARKER} in "
                            f"{out!r}); rerun to resume from its latest checkpoint")

@@ -5,7 +5,7 @@ from pipeline.core.plan.outputs import EvalConfig, GenerateConfig, ReportConfig,
 from pipeline.core.plan.run import ModelSection, RunConfig, from_recipe_dict, load_recipe
 from pipeline.core.plan.stage import (EDMObjective, EMAConfig, InitConfig, RectifiedFlowObjective, ScheduleConfig,
                                       StageBatch, StageCheckpoint, StageConfig, StageData, StageOptim,
-                                      StageSampling, load_stages, stage_config)
+                                      StageSampling, stage_config)
 
 __all__ = [
     "DownloadConfig",
@@ -34,7 +34,6 @@ __all__ = [
     "apply_override",
     "from_recipe_dict",
     "load_recipe",
-    "load_stages",
     "load_yaml",
     "parse_yaml",
     "stage_config",

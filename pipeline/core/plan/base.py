@@ -6,18 +6,42 @@ file, instead of inside a Ray worker hours later.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 
 class Section(BaseModel):
     """Base of every plan section: strict types, unknown keys refused, assignments re-validated."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, validate_default=True)
+
+
+def section_of(config_class: type, name: str) -> type[Section]:
+    """A plan section made from a model config dataclass (e.g. an objective's): its fields, types and defaults are
+    the dataclass's own, so the plan repeats no constant; validating the section runs the dataclass's checks, and
+    `.config()` returns the dataclass instance the model code takes."""
+    hints = typing.get_type_hints(config_class)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(config_class)}
+
+    def check(self):
+        self.config()  # the dataclass's own range checks (ValueError -> a validation error naming the section)
+        return self
+
+    def config(self):
+        return config_class(**{name: getattr(self, name) for name in fields})
+
+    section = create_model(name, __base__=Section,
+                           __doc__=config_class.__doc__, __module__=__name__,
+                           __validators__={"_check": model_validator(mode="after")(check)}, **fields)
+    section.config = config
+    section.config_class = config_class
+    return section
 
 
 def _custom_only(resources: dict[str, float]) -> dict[str, float]:

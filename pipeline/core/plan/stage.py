@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictFloat, model_validator
 
-from pipeline.core.plan.base import CustomResources, PlanError, Section, validate
+from model.objectives.configs import EDMConfig, RectifiedFlowConfig
+from pipeline.core.plan.base import CustomResources, Section, section_of, validate
 
 
 class StageData(Section):
@@ -102,25 +103,9 @@ class StageOptim(Section):
     max_consecutive_nonfinite: int = Field(20, ge=0)  # NaN/inf steps are skipped; more in a row stop the stage
 
 
-class EDMObjective(Section):
-    """EDM (Karras et al. 2022) as MicroDiT trains it: sigma_data, ln(sigma) ~ N(p_mean, p_std^2), masking."""
-
-    kind: Literal["edm"] = "edm"
-    sigma_data: float = Field(0.9, gt=0)
-    p_mean: float = -0.6
-    p_std: float = Field(1.2, gt=0)
-    mask_ratio: float = Field(0.75, ge=0, lt=1)  # patches dropped after the mixer; the loss sees kept ones only
-    caption_dropout: float = Field(0.1, ge=0, le=1)  # the unconditional input for classifier-free guidance
-
-
-class RectifiedFlowObjective(Section):
-    """Rectified flow (E-MMDiT): x_t = (1 - t) x0 + t eps, target eps - x0, t ~ logit-normal; optional REPA."""
-
-    kind: Literal["rectified_flow"] = "rectified_flow"
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    caption_dropout: float = Field(0.1, ge=0, le=1)
-    repa_weight: float = Field(0.0, ge=0)  # > 0: align group-1 tokens with DINOv2 patch features (stage 1)
+# The objectives' own configs (model/objectives/) are the one home of their constants and defaults.
+EDMObjective = section_of(EDMConfig, "EDMObjective")
+RectifiedFlowObjective = section_of(RectifiedFlowConfig, "RectifiedFlowObjective")
 
 
 Objective = Annotated[EDMObjective | RectifiedFlowObjective, Field(discriminator="kind")]
@@ -215,17 +200,3 @@ def stage_config(data: dict[str, Any] | StageConfig, where: str | None = None) -
         return data
     name = data.get("name", "?") if isinstance(data, dict) else "?"
     return validate(StageConfig, data, where or f"stage {name!r}")
-
-
-def load_stages(path: str) -> list[StageConfig]:
-    """Parse a stage-list YAML (a mapping with only a `stages:` list) into StageConfigs."""
-    from pipeline.core.plan.base import load_yaml
-
-    data = load_yaml(path)
-    if set(data) != {"stages"} or not isinstance(data.get("stages"), list):
-        raise PlanError(f"{path!r}: expected a mapping with only a `stages:` list; got keys {sorted(data)}")
-    stages = [stage_config(s, f"{path}: stages[{i}]") for i, s in enumerate(data["stages"])]
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise PlanError(f"{path!r}: duplicate stage names in {names}")
-    return stages

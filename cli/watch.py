@@ -1,6 +1,6 @@
 """The CLI's view of a running flow: its steps' progress, read back from Prefect (the artifacts the tasks keep).
 
-`microdit run|demo|stage` follow a run through flows/follow.py: on a terminal each running step gets one live
+`microdit run|demo|stage` follow a run through cli/follow.py: on a terminal each running step gets one live
 line (rich) with its latest figures; off a terminal nothing is redrawn and the run's plain `[progress]` log lines
 (flows/progress_sinks.py) are the record. `microdit status` prints each step's state and latest figures.
 """
@@ -9,6 +9,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType, FlowFilter,
+                                            FlowFilterName, FlowRunFilter)
+from prefect.client.schemas.sorting import FlowRunSort
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 
 from flows.progress_sinks import PREFIX
 
@@ -25,9 +32,6 @@ class StepView:
 
 def read_steps(client, flow_run_id: UUID) -> list[StepView]:
     """Every task run of the flow run, in start order, with its progress artifact's latest figures (if any)."""
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType,
-                                                FlowRunFilter)
-
     runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
     artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
@@ -45,10 +49,6 @@ def read_steps(client, flow_run_id: UUID) -> list[StepView]:
 
 def status_lines(limit_runs: int = 1) -> list[str]:
     """The latest flow run of the `microdit` flow: its state, then each step's state and latest figures."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["microdit"])),
                                      sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit_runs)
@@ -65,9 +65,6 @@ class LiveLines:
     """One rich progress line per step while a run is followed on a terminal; logs print above them."""
 
     def __init__(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn
-
         self.console = Console()
         self.bars = Progress(TextColumn("{task.fields[name]:<20}"), BarColumn(bar_width=24),
                              TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[figures]}"),

@@ -1,12 +1,18 @@
-"""`microdit`: start the local stack, run the pipeline through Prefect, rerun a stage, show status, run the demo."""
+"""`microdit`: start the local stack, run the pipeline through Prefect, rerun a stage, show status, draw, run the demo.
+
+Each command imports the pipeline modules it needs when it runs (marked "this command's own"): `microdit status`
+and `microdit --help` then start in a fraction of a second instead of importing torch.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from flows import local_stack
-from flows.local_stack import StackError
+from cli import stack as local_stack
+from cli.stack import StackError
+from model import family as families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,18 +46,19 @@ def cmd_down(args) -> int:
     return 0
 
 
-def _plan(args, stack):
-    """The recipe + overrides validated here, before anything is submitted (relative storage: the stack's folder)."""
-    from pipeline.checks import load_run
+def _plan(args, stack=None):
+    """The recipe + overrides validated here, before anything is submitted (relative storage: the stack's folder,
+    else the working directory)."""
+    from pipeline.checks import load_run  # this command's own (it reads the model families)
 
-    return load_run(_recipe(args.recipe), args.set, storage_base=stack.workdir or None)
+    return load_run(_recipe(args.recipe), args.set, storage_base=(stack.workdir if stack else None) or None)
 
 
 def _follow(deployment: str, parameters: dict, args) -> int:
     """Validate the plan, submit it as the flow's typed `plan` parameter, and follow the run to its end."""
-    from flows import follow
+    from cli import follow  # this command's own (Prefect's client)
 
-    _recipe(args.recipe)  # a missing recipe is named before anything else
+    _plan(args)  # what is wrong with the recipe is said before whether the stack is up
     stack = local_stack.require(_state(args))
     parameters = {"plan": _plan(args, stack).to_dict(), **parameters}
     state = local_stack._with_env(stack, lambda: follow.run_and_follow(deployment, parameters))
@@ -73,7 +80,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from flows import follow, watch
+    from cli import follow, watch  # this command's own (Prefect's client)
 
     state_dir = _state(args)
     stack = local_stack.Stack.load(state_dir)
@@ -98,15 +105,22 @@ def cmd_status(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pipeline.generate import run_from_args
+    from pipeline.core.plan import GenerateConfig  # this command's own (the plan imports torch)
+    from pipeline.generate import generate
 
-    print("\n".join(run_from_args(args)))
+    if bool(args.prompt) == bool(args.prompts_file):
+        raise CLIError("give prompts with --prompt (repeatable) or --prompts-file, exactly one of them")
+    given = {k: getattr(args, k) for k in ("steps", "guidance", "seed", "batch_size", "resolution", "use_ema",
+                                           "dtype", "device")}
+    cfg = GenerateConfig(**{k: v for k, v in given.items() if v is not None})  # unset: GenerateConfig's defaults
+    print("\n".join(generate(args.weights, args.prompts_file or args.prompt, args.out, cfg, args.vae,
+                             args.text_encoder)))
     return 0
 
 
 def cmd_import_weights(args) -> int:
     from pipeline.core import storage
-    from pipeline.weights import import_weights
+    from pipeline.weights import import_weights  # this command's own (torch)
 
     out = import_weights(args.file, args.out, args.family, args.variant)
     source = storage.read_json(storage.join(out, "config.json"))["source"]
@@ -132,8 +146,6 @@ def demo_recipe(args) -> str:
 
 def cmd_demo(args) -> int:
     """Start the stack if needed, run the tiny recipe end to end, print where everything is."""
-    import time
-
     from pipeline.core import storage
     from pipeline.core.layout import Layout
 
@@ -161,7 +173,7 @@ def cmd_demo(args) -> int:
 
 
 def _demo_follow(params: dict) -> int:
-    from flows import follow
+    from cli import follow  # this command's own (Prefect's client)
 
     state = follow.run_and_follow("microdit/full-run", params)
     print(f"flow run finished: {state}")
@@ -175,6 +187,26 @@ def print_where(stack: local_stack.Stack) -> None:
     print(f"Ray address        {stack.ray_address}")
     print(f"use from a shell   export PREFECT_API_URL={stack.api_url} PREFECT_HOME={stack.prefect_home} "
           f"RAY_ADDRESS={stack.ray_address}")
+
+
+def generate_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `microdit generate`; what is not given takes GenerateConfig's defaults (pipeline/core/plan)
+    and the export's sampler."""
+    p.add_argument("weights", help="export folder ({root}/train/{stage}/export) or a .safetensors file in one")
+    p.add_argument("out", help="output folder or s3:// URI")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the export's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = none (default: the export's)")
+    p.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i (default 0)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--no-ema", dest="use_ema", action="store_false", default=None,
+                   help="use model.safetensors, not EMA")
+    p.add_argument("--dtype", default=None, help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--vae", default=None, help="VAE spec (default: the export config's)")
+    p.add_argument("--text-encoder", default=None, help="text encoder spec (default: the export config's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,19 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue each arm from its checkpoints instead of retraining it")
     compare.set_defaults(fn=cmd_compare)
 
-    from pipeline import generate
-
     gen = sub.add_parser("generate", help="images from a stage's export (no stack needed)")
-    generate.build_parser(gen)
+    generate_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
     imp = sub.add_parser("import-weights", help="a released checkpoint (MicroDiT .pt, E-MMDiT .safetensors) as an "
                                                  "export that generate and training stages use")
     imp.add_argument("file", help="the downloaded release file")
     imp.add_argument("out", help="export folder to write (local or s3://)")
-    from pipeline.weights import FORMATS
-
-    imp.add_argument("--family", required=True, choices=sorted(FORMATS))
+    imp.add_argument("--family", required=True, choices=sorted(families.REGISTRY))
     imp.add_argument("--variant", default=None,
                      help="microdit: 22M, 37M, 16ch, 0.5B; emmdit: 512px, 512px-dist (default: from the file name)")
     imp.set_defaults(fn=cmd_import_weights)
@@ -244,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_args(demo)
     demo.add_argument("--force", action="append", default=[], metavar="STEP")
     demo.add_argument("--num-cpus", type=int, default=None)
-    demo.add_argument("--family", choices=sorted(DEMO_RECIPES), default=None,
+    demo.add_argument("--family", choices=sorted(families.REGISTRY), default=None,
                       help="run that model family's tiny recipe (microdit: recipes/tiny.yaml, emmdit: "
                            "recipes/emmdit_tiny.yaml)")
     demo.set_defaults(fn=cmd_demo)

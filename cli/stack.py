@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -206,13 +207,20 @@ def ray_token_path() -> Path:
 
 
 def ensure_ray_token() -> None:
-    """Create ~/.ray/auth_token if there is none: in explicit token mode `ray start` refuses to make one."""
-    if os.environ.get("RAY_AUTH_TOKEN") or ray_token_path().is_file():
+    """Create the Ray auth token file (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) if there is none: random,
+    mode 0600 in a 0700 folder. In explicit token mode `ray start` refuses to make one."""
+    path = ray_token_path()
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
         return
-    r = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, text=True,
-                       env=dict(os.environ, **RAY_ENV), timeout=120)
-    if r.returncode != 0 or not ray_token_path().is_file():
-        raise StackError(f"could not create a Ray auth token at {ray_token_path()}: {r.stderr.strip()[-300:]}")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another `up` made it meanwhile
+        return
+    except OSError as e:
+        raise StackError(f"could not create the Ray auth token file {path}: {e}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
 
 def dashboard_status(url: str) -> int:
@@ -233,6 +241,7 @@ def dashboard_status(url: str) -> int:
 
 def deployments_ready(since: float, names=("microdit/full-run", "microdit/stage", "microdit/compare")) -> bool:
     """Every deployment exists and was polled by a runner after `since` (a UNIX time)."""
+    # Prefect's client is a second of imports that `down` and `status` do not need: only here.
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 

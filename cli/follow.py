@@ -1,6 +1,6 @@
 """Trigger a deployment through the Prefect API and follow its flow run to a final state, printing as it goes.
 
-On a terminal each step with progress gets a live line (flows/watch.py); elsewhere the run's logs, with their
+On a terminal each step with progress gets a live line (cli/watch.py); elsewhere the run's logs, with their
 plain `[progress]` lines, are printed as they come.
 """
 from __future__ import annotations
@@ -8,12 +8,16 @@ from __future__ import annotations
 import time
 from uuid import UUID
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.sorting import FlowRunSort, LogSort
+from prefect.exceptions import ObjectNotFound
+
+from cli.watch import LiveLines, live_wanted, read_steps
+
 
 def run_and_follow(deployment: str, parameters: dict, poll: float = 2.0, out=print, live: bool | None = None) -> str:
     """Create a flow run of `deployment`, print its state changes, task states and logs; return the final state type."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
     with get_client(sync_client=True) as client:
         try:
             dep = client.read_deployment_by_name(deployment)
@@ -29,8 +33,6 @@ def follow(client, flow_run_id: UUID, poll: float = 2.0, out=print, live: bool |
     """Print new logs and state changes of one flow run until it is final; return the final state type.
 
     live: one redrawn line per running step (default: when printing to a terminal)."""
-    from flows.watch import LiveLines, live_wanted
-
     if live is None:
         live = out is print and live_wanted()
     if not live:
@@ -40,11 +42,6 @@ def follow(client, flow_run_id: UUID, poll: float = 2.0, out=print, live: bool |
 
 
 def _follow(client, flow_run_id: UUID, poll: float, out, view) -> str:
-    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
-
-    from flows.watch import read_steps
-
     seen_logs, last_state, task_states = 0, None, {}
     while True:
         run = client.read_flow_run(flow_run_id)
@@ -71,10 +68,6 @@ def _follow(client, flow_run_id: UUID, poll: float, out, view) -> str:
 
 def recent_runs(limit: int = 5) -> list[str]:
     """One line per recent flow run of the `microdit` flow: name, deployment, state, start time."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["microdit"])),
                                      sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
