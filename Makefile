@@ -2,9 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# Two pytest workers, a group of tests each at a time (a file, or the files sharing a run: tests/shared_runs.py).
-# Each worker owns its own Ray head, Prefect server and moto server (tests/conftest.py). --no-loadscope-reorder
-# keeps conftest's order: longest groups first.
+# Two pytest workers, a unit of tests each at a time: a file, or the files that read one shared run
+# (tests/shared_runs.py, scheduled by tests/conftest.py). Each worker owns its own Ray head, Prefect server and moto
+# server. --no-loadscope-reorder keeps conftest's order: longest units first.
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench clean
@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/microdit demo
 
 test: setup
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.model_throughput --preset MicroDiT_Debug

@@ -297,9 +297,9 @@ def child_encoders(args, w: Writer) -> None:
         return f
 
     def clip():
-        from model.encoders import TextEncoder, _tiny_tower, build_text_tower
+        from model.encoders.clip_text import TextEncoder, build_text_tower, tiny_tower
 
-        tower = _tiny_tower() if args.debug else build(lambda: build_text_tower(DFN5B_TEXT_CONFIG, dtype))
+        tower = tiny_tower() if args.debug else build(lambda: build_text_tower(DFN5B_TEXT_CONFIG, dtype))
         enc = TextEncoder(tower, device, dtype)
         caps = [f"a photo of {i} red cubes on a wooden table in the evening light" for i in range(batch)]
         return batch / _timed(lambda: enc.encode(caps), iters, device)
@@ -307,7 +307,7 @@ def child_encoders(args, w: Writer) -> None:
     def dcae():
         from diffusers import AutoencoderDC
 
-        from model.encoders_dcae import TINY_CONFIG
+        from model.encoders.dcae import TINY_CONFIG
 
         m = build(lambda: AutoencoderDC(**(TINY_CONFIG if args.debug else DCAE_F32C32_CONFIG)))
         res = 64 if args.debug else 512
@@ -318,7 +318,7 @@ def child_encoders(args, w: Writer) -> None:
     def llama():
         from transformers import LlamaConfig, LlamaModel
 
-        from model.encoders_llama import TINY_CONFIG
+        from model.encoders.llama import TINY_CONFIG
 
         cfg = LlamaConfig(**(dict(TINY_CONFIG, vocab_size=256) if args.debug else LLAMA_3_2_1B_CONFIG))
         m = build(lambda: LlamaModel(cfg))

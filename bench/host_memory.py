@@ -74,7 +74,7 @@ def _rank(rank: int, world: int, port: int, mode: str, preset: str, seed: int, o
         model = parallelize(MicroDiT(cfg), mesh,
                             units=MICRODIT.shard_units, bf16=False, compile=False, activation_checkpointing=False)
     else:
-        model = build_training_model(cfg, seed, mesh, device="cpu")
+        model = build_training_model(cfg, seed, mesh, device="cpu", family="microdit")
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * 1024
     _trim()

@@ -146,13 +146,12 @@ def measure_training(cfg, batch: int, mask_ratios: list[float], device: torch.de
     gen = torch.Generator(device=device).manual_seed(seed)
     latents = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, generator=gen)
     caption = torch.randn(batch, cfg.caption_len, cfg.caption_dim, device=device, generator=gen)
-    edm = EDMConfig()
 
     def step(comp: bool, ratio: float, probe=contextlib.nullcontext()) -> None:
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                     else contextlib.nullcontext())
         with autocast, _sdpa_context(sdpa), probe:
-            loss, _ = edm_loss(fns[comp], latents, caption, edm, mask_ratio=ratio, generator=gen)
+            loss, _ = edm_loss(fns[comp], latents, caption, EDMConfig(mask_ratio=ratio), generator=gen)
         loss.backward()
         for p in net.parameters():
             p.grad = None

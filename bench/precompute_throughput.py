@@ -27,7 +27,7 @@ from bench.encoder_configs import DFN5B_TEXT_CONFIG, SDXL_VAE_CONFIG  # noqa: E4
 
 def make_shards(folder: Path, shards: int, per_shard: int, size: int, seed: int = 0) -> int:
     """Synthetic webdataset shards (coloured shapes, JPEG, captions naming them) + _SUCCESS; returns samples."""
-    from pipeline.testing.synthetic import random_spec, render
+    from pipeline.data.shapes import random_spec, render
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def ray_vs_loop(args) -> dict:
         n = make_shards(work / "shards", args.shards, args.per_shard, args.size)
         vae = args.vae
         if vae == "tiny-diffusers":
-            from model.encoders import save_tiny_vae
+            from model.encoders.sdxl_vae import save_tiny_vae
 
             vae = save_tiny_vae(work / "vae")
         cfg = PrecomputeConfig(resolutions=args.resolutions, vae=vae, text_encoder=args.text,
@@ -90,7 +90,8 @@ def sdxl_per_device(device: str, batch: int, iters: int, resolutions=(256, 512))
     import torch
     from diffusers import AutoencoderKL
 
-    from model.encoders import DiffusersVAE, TextEncoder, build_text_tower
+    from model.encoders.clip_text import TextEncoder, build_text_tower
+    from model.encoders.sdxl_vae import DiffusersVAE
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     vae = DiffusersVAE(AutoencoderKL.from_config(SDXL_VAE_CONFIG), device, dtype)

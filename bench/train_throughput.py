@@ -43,7 +43,7 @@ def plain_loop(latents: torch.Tensor, captions: torch.Tensor, preset: str, globa
         t = time.perf_counter()
         idx = torch.randint(0, latents.shape[0], (global_batch,), generator=gen)
         cap = drop_captions(captions[idx], 0.1, gen)
-        loss, _ = edm_loss(model, latents[idx], cap, EDMConfig(), mask_ratio, gen)
+        loss, _ = edm_loss(model, latents[idx], cap, EDMConfig(mask_ratio=mask_ratio), gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -113,7 +113,7 @@ def gpu_point(preset: str, side: int, mask_ratio: float, micro: int, compile: bo
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", torch.bfloat16):
-            loss, _ = edm_loss(model, x, cap, EDMConfig(), mask_ratio)
+            loss, _ = edm_loss(model, x, cap, EDMConfig(mask_ratio=mask_ratio))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

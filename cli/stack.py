@@ -223,22 +223,6 @@ def ensure_ray_token() -> None:
         f.write(secrets.token_hex(32))
 
 
-def dashboard_status(url: str) -> int:
-    """HTTP status of the dashboard's version endpoint, sending the Ray auth token when there is one."""
-    req = urllib.request.Request(f"{url}/api/version")
-    token = os.environ.get("RAY_AUTH_TOKEN") or (
-        ray_token_path().read_text().strip() if ray_token_path().is_file() else "")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
 def deployments_ready(since: float, names=("microdit/full-run", "microdit/stage", "microdit/compare")) -> bool:
     """Every deployment exists and was polled by a runner after `since` (a UNIX time)."""
     # Prefect's client is a second of imports that `down` and `status` do not need: only here.

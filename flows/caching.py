@@ -28,7 +28,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGES = ("model", "pipeline", "flows")  # imports of anything else (torch, ray, stdlib) are not followed
+from pipeline.core.plan.run import STEPS as PLAN_STEPS
+
+PACKAGES = ("model", "pipeline", "flows", "cli")  # imports of anything else (torch, ray, stdlib) are not followed
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding the three packages (repo or site-packages)
 _LOCK = threading.Lock()  # one parse at a time in this process (see the module docstring)
 
@@ -41,8 +43,9 @@ class Step:
     upstream: tuple[str, ...] = ()
 
 
-# The step graph: download -> precompute -> train (every stage) -> sample, evaluate -> report.
-STEPS: dict[str, Step] = {
+# What each step's task calls, and the steps it reads from: download -> precompute -> train (every stage) ->
+# sample, evaluate -> report.
+_GRAPH = {
     "download": Step(("pipeline.data.download", "pipeline.data.sources.*")),
     "precompute": Step(("pipeline.data.precompute",), upstream=("download",)),
     "train": Step(("pipeline.train.stage",), upstream=("precompute",)),
@@ -50,6 +53,7 @@ STEPS: dict[str, Step] = {
     "evaluate": Step(("pipeline.evaluate.evaluate",), upstream=("train",)),
     "report": Step(("pipeline.report.report",), upstream=("sample", "evaluate")),
 }
+STEPS: dict[str, Step] = {name: _GRAPH[name] for name in PLAN_STEPS}  # the plan's steps, in its order
 
 
 class _Tree:

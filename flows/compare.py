@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.full_run import FLOW, evaluate, plan_of, run_owner, sample, train
 from flows.stage import cached_latents
+from model import family as families
 from pipeline.core import lease
 from pipeline.core.layout import Layout
 from pipeline.core.plan import InitConfig, RunConfig, StageConfig
@@ -47,8 +48,6 @@ def compare_run(plan: RunConfig | None = None, recipe: str = "recipes/tiny.yaml"
     budget_flops: None -> what the plan's stage costs at its own steps and mask ratio.
     restart: retrain both arms (false: resume each from its checkpoints, or reuse its export).
     """
-    from model import family as families
-
     log = get_run_logger()
     cfg = plan_of(plan, recipe, overrides)
     base = cfg.stage(stage).model_copy(update={"init": InitConfig()})  # scratch: see the module docstring

@@ -47,16 +47,9 @@ def run_owner() -> str:
     return f"flow run {flow_run.name} ({flow_run.id})"
 
 
-def step_order(cfg: RunConfig) -> list[str]:
-    steps = ["download", "precompute", *[s.name for s in cfg.stages], "sample"]
-    if cfg.evaluate is not None:
-        steps.append("evaluate")
-    return steps + ["report"]
-
-
 def expand_force(cfg: RunConfig, force: list[str] | None) -> set[str]:
     """The steps to rerun: each named step and every step after it ('all': every step)."""
-    order = step_order(cfg)
+    order = cfg.step_order()
     force = list(force or [])
     unknown = sorted(set(force) - set(order) - {"all"})
     if unknown:

@@ -22,6 +22,8 @@ from pipeline.core.progress import DEFAULT_EVERY
 from pipeline.core.plan import (DownloadConfig, EncodersConfig, EvalConfig, GenerateConfig, ModelSection,
                                 PrecomputeConfig, PlanError, ReportConfig, SourceConfig, StageConfig)
 
+# Each task imports its step when it runs: the deployment server (`microdit up`, flows/serve.py) imports this module
+# and then waits, and a step's modules bring torch, Ray Data or the encoders with them.
 STEP_CACHE = (INPUTS - "ray_address" - "progress_every") + TASK_SOURCE
 BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, PlanError)
 

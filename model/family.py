@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:  # annotations only: the registry is read by light callers (the CLI) without importing torch
+    import torch
     from torch import nn
 
+# The family of a plan or an export that names none (every export written before families existed).
+DEFAULT = "microdit"
 # name -> "module:attribute" of its Family; imported on first use, so using one family never imports another.
 REGISTRY = {
     "microdit": "model.microdit.family:FAMILY",
@@ -55,6 +58,51 @@ class SamplerDefaults:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One released file: its network (preset + overrides), encoders, objective, sampler and published scores."""
+
+    name: str
+    file: str
+    preset: str
+    overrides: dict[str, Any]
+    encoders: dict[str, str]
+    objective: dict[str, Any]
+    sampler: dict[str, Any]
+    scores: dict[str, float]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseFormat:
+    """How one family's release names and stores its tensors (see the module docstring)."""
+
+    family: str
+    repo: str  # where the files are published
+    variants: dict[str, Variant]
+    to_ours: Callable[[str], str | None]  # release key -> our key; None: not a tensor of this layout
+    to_release: Callable[[str], str]  # our key -> release key
+    # Release-only buffers our network rebuilds from its config: name -> config -> the release's tensor.
+    buffers: dict[str, Callable[[Any], "torch.Tensor"]] = field(default_factory=dict)
+    # Release-only buffers whose values must equal the rebuilt ones (a file of another resolution differs).
+    checked_buffers: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()  # key prefixes of training-only tensors dropped on import
+    signature: str = ""  # a key prefix only this family's release has (names the family of a foreign file)
+
+    # The family's network, as the release's variants name it (preset + overrides).
+    def config(self, preset: str, overrides: dict) -> Any:
+        return get(self.family).config(preset, **overrides)
+
+    def build(self, cfg: Any) -> "nn.Module":
+        return get(self.family).build(cfg)
+
+    def config_to_dict(self, cfg: Any) -> dict:
+        return get(self.family).config_to_dict(cfg)
+
+    def config_from_dict(self, data: dict) -> Any:
+        return get(self.family).config_from_dict(data)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family (see the module docstring); every callable takes or returns the family's config."""
 
@@ -70,6 +118,7 @@ class Family:
     latent: LatentSpec
     text: TextSpec
     sampler: SamplerDefaults
+    release: ReleaseFormat | None = None  # its public checkpoints (model/<family>/release.py), if any
     notes: dict[str, Any] = field(default_factory=dict)
 
     def config(self, preset: str, **overrides) -> Any:

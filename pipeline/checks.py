@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 
+from model import family as families
 from pipeline.core.plan import PlanError, RunConfig, load_recipe
+from pipeline.data import sources
 
 
 def check_run(cfg: RunConfig, where: str = "recipe") -> RunConfig:
     """Check the plan against the model family and the source adapters; PlanError naming what is wrong."""
-    from model import family as families
-    from pipeline.data import sources
-
     errors = []
     try:
         fam = families.get(cfg.model.family)

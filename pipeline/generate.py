@@ -22,6 +22,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from model import family as families
+from model.encoders import load_text_encoder, load_vae, unconditional_caption
+from model.family import DEFAULT as DEFAULT_FAMILY
+from model.objectives.configs import config_from_dict as objective_config
+from model.objectives.objective import build as build_objective
+from model.samplers.heun import make_noise
 from pipeline.core import storage
 from pipeline.core.plan import GenerateConfig
 from pipeline.core.progress import Reporter, Sink
@@ -51,7 +57,7 @@ def read_prompts(prompts: str | Sequence[str]) -> list[str]:
 
 
 # Exports written before the family interface recorded neither family nor objective: they are MicroDiT + EDM.
-LEGACY_EXPORT = {"family": "microdit", "objective": {"kind": "edm", "sigma_data": 0.9}}
+LEGACY_EXPORT = {"family": DEFAULT_FAMILY, "objective": {"kind": "edm"}}  # EDM's own constants (configs.py)
 
 
 def read_export(config_uri: str) -> dict:
@@ -139,10 +145,6 @@ class Generator:
 
     def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
                  text_spec: str | None = None):
-        from model import family as families
-        from model.objectives.configs import config_from_dict as objective_config
-        from model.objectives.objective import build as build_objective
-        from model.encoders import load_text_encoder, load_vae
         from safetensors.torch import load as load_safetensors
 
         self.cfg = cfg
@@ -206,7 +208,6 @@ class Generator:
     def _bind_unconditional(self, export: dict, config_uri: str) -> str:
         """Give the objective its unconditional caption: the export's stored one (the empty prompt's embedding
         the network trained with), else the text encoder's own (zeros for open_clip towers). -> where it came from."""
-        from model.encoders import unconditional_caption
         from safetensors.numpy import load
 
         name = export.get("unconditional")
@@ -237,8 +238,6 @@ class Generator:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], start: int = 0, seeds: Sequence[int] | None = None) -> np.ndarray:
         """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i, or seeds[i] (one batch)."""
-        from model.samplers.heun import make_noise
-
         seeds = list(seeds) if seeds is not None else self.seeds(start, len(prompts))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")

@@ -11,9 +11,10 @@ check to the run that already trains; it starts its own Ray Train job or flow ru
 with one worker unless it tests distribution, at the fewest steps that prove it. `pytest --census` prints what each
 file started (tests/census.py).
 
-Scheduling (`make test`: `pytest -n 2 --dist loadgroup`): every file is an xdist group of its own, except files that
-name a shared group (`pytest.mark.xdist_group("tiny_flow")`), which run together on one worker, so the shared run
-is made once.
+Scheduling (`make test`: `pytest -n 2`): every file is a unit of work of its own, except the files that read one
+shared run, listed in SHARED_RUNS below: they form one unit, run on one worker, so the run is made once. (xdist's own
+`--dist loadgroup` cannot do it with pytest 9.2: it renames node ids through `item._nodeid`, which pytest no longer
+reads, so marked groups are split across workers.)
 """
 from __future__ import annotations
 
@@ -69,38 +70,50 @@ def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     proc.wait(timeout=10)
 
 
-# Scheduling hint for `pytest -n 2 --dist loadgroup`: the longest groups (from `--durations`, 2 cores) start first
-# so the two workers finish together instead of one running a long group alone at the end. A group missing here
-# only costs balance; slow-marked files come next, then the rest in collection order.
-LONGEST_FIRST = ["tiny_flow", "test_train_stage.py", "emmdit", "test_cli.py", "test_multinode.py",
+# The files that read each shared run (tests/shared_runs.py): one unit of work, on one worker. A file that starts
+# reading a shared run is added here (tests/test_architecture.py checks that none is missing).
+SHARED_RUNS = {"test_flows.py": "tiny_flow", "test_compare_flow.py": "tiny_flow",
+               "test_emmdit_flow.py": "emmdit_flow", "test_train_emmdit.py": "emmdit_flow"}
+# Scheduling hint: the longest units (from `--durations`, 2 cores) start first so the two workers finish together
+# instead of one running a long unit alone at the end. A unit missing here only costs balance; slow-marked files
+# come next, then the rest in collection order.
+LONGEST_FIRST = ["tiny_flow", "test_train_stage.py", "emmdit_flow", "test_cli.py", "test_multinode.py",
                  "test_gpu_suite.py", "test_download.py", "test_learns.py", "test_precompute.py"]
 
 
-def _group(item) -> str:
-    """The item's xdist group: the shared group its file names, else the file itself."""
-    mark = item.get_closest_marker("xdist_group")
-    return (mark.args[0] if mark.args else mark.kwargs["name"]) if mark else item.path.name
+def unit_of(file_name: str) -> str:
+    """The unit of work a test file belongs to: its shared run, else the file itself."""
+    return SHARED_RUNS.get(file_name, file_name)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's file-at-a-time scheduling, with the files of one shared run as one unit (see the module docstring)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return unit_of(file.rsplit("/", 1)[-1]) if file.rsplit("/", 1)[-1] in SHARED_RUNS else file
+
+    return SharedRunScheduling(config, log)
 
 
 def _schedule_rank(item) -> tuple[int, int]:
-    group = _group(item)
-    if group in LONGEST_FIRST:
-        return (0, LONGEST_FIRST.index(group))
+    unit = unit_of(item.path.name)
+    if unit in LONGEST_FIRST:
+        return (0, LONGEST_FIRST.index(unit))
     return (1, 0) if item.get_closest_marker("slow") else (2, 0)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which appends the group to each node id
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # A group moves as a whole (loadgroup sends it to one worker); sorted() keeps each group's own file order.
-    groups: dict[str, list] = {}
+    # A unit moves as a whole (the scheduler sends it to one worker); sorted() keeps each unit's own file order.
+    units: dict[str, list] = {}
     for item in items:
-        groups.setdefault(_group(item), []).append(item)
-        if not item.get_closest_marker("xdist_group"):  # a file of its own: loadgroup would split it per test
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-    rank = {g: min(_schedule_rank(i) for i in its) for g, its in groups.items()}
-    items[:] = [i for g in sorted(groups, key=lambda g: rank[g]) for i in groups[g]]
+        units.setdefault(unit_of(item.path.name), []).append(item)
+    rank = {u: min(_schedule_rank(i) for i in its) for u, its in units.items()}
+    items[:] = [i for u in sorted(units, key=lambda u: rank[u]) for i in units[u]]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

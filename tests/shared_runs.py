@@ -5,12 +5,12 @@ integration tests read a few shared runs instead of starting their own:
 
 - `tiny_flow`: the MicroDiT tiny recipe (stages 1-3, shrunk) through the served `microdit/full-run` deployment,
   killed mid-stage-1 and run again (with a second run on the same root at the same time, refused by the lease);
-  tests/test_flows.py and tests/test_compare_flow.py read it (xdist group "tiny_flow").
+  tests/test_flows.py and tests/test_compare_flow.py read it.
 - `emmdit_flow`: the E-MMDiT tiny recipe (REPA stage + stage 2) through the full-run flow on moto's S3;
-  tests/test_emmdit_flow.py reads it (xdist group "emmdit").
+  tests/test_emmdit_flow.py and tests/test_train_emmdit.py read it.
 
-A test that needs one of them joins its xdist group (`pytestmark = pytest.mark.xdist_group(...)`), so the run is
-made once, on the worker that runs the group. New integration tests read these runs (or add to them) rather than
+A file that reads one of them is listed in conftest's SHARED_RUNS, so that all of them run on one xdist worker and
+the run is made once. New integration tests read these runs (or add to them) rather than
 start their own flow runs or Ray Train jobs; tests that must kill, resume or race keep their own runs, at the fewest
 steps that still prove it.
 """
@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,7 @@ def emmdit_flow(prefect_server, ray_address, s3_endpoint, tmp_path_factory):
 
     env = pytest.MonkeyPatch()
     env.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    bucket = "emmdit-flow"
+    bucket = f"emmdit-{uuid.uuid4().hex[:12]}"  # a download's S3 staging folder is named after its URI
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/run"
     overrides = [

@@ -67,7 +67,7 @@ def test_plan_imports_no_step():
     reads the objectives' configs only (the one home of their constants), never an algorithm."""
     graph = import_graph()
     plan = [m for m in graph if m.startswith("pipeline.core")]
-    allowed = {"pipeline", "model", "model.objectives", "model.objectives.configs"}
+    allowed = {"pipeline", "model", "model.family", "model.objectives", "model.objectives.configs"}
     outside = {m: sorted(d for d in graph[m] if not d.startswith("pipeline.core") and d not in allowed)
                for m in plan}
     assert {m: d for m, d in outside.items() if d} == {}
@@ -88,3 +88,59 @@ def test_fault_injection_is_not_a_plan_setting():
     assert not fields & {"debug", "crash_rank", "nan_loss_steps"}
     users = [m for m, deps in import_graph().items() if "pipeline.testing.faults" in deps]
     assert users == []  # reached only through MICRODIT_TRAIN_HOOKS (pipeline/train/hooks.py)
+
+
+def test_product_code_imports_no_test_machinery():
+    """pipeline/testing/ (fault injection) is reached through the train hooks' spec string only; the demo's data
+    is product (pipeline/data/shapes.py)."""
+    graph = import_graph()
+    users = {m: sorted(d for d in deps if d.startswith("pipeline.testing"))
+             for m, deps in graph.items() if not m.startswith("pipeline.testing")}
+    assert {m: d for m, d in users.items() if d} == {}
+    assert {"pipeline.testing.faults"} <= set(graph)  # the check sees the package
+
+
+def test_model_is_a_package_per_family_plus_shared_ones():
+    from model.family import REGISTRY
+
+    root = ROOT / "model"
+    packages = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(REGISTRY) | {"objectives", "samplers", "encoders"}
+    assert {p.stem for p in root.glob("*.py")} == {"__init__", "family", "ema", "positions"}
+
+
+def test_no_module_under_flows_starts_processes():
+    """flows/ holds the Prefect flows and their tasks; starting and supervising processes is cli/'s (cli/stack.py)."""
+    spawning = {"subprocess", "multiprocessing", "os.fork", "os.spawnv", "os.execv", "os.system", "os.popen"}
+    found = {}
+    for path in sorted((ROOT / "flows").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [f"{node.value.id}.{node.attr}"]
+            hits = [n for n in names if n in spawning or n.split(".")[0] in {"subprocess", "multiprocessing"}]
+            if hits:
+                found.setdefault(path.name, set()).update(hits)
+    assert found == {}
+    assert (ROOT / "cli" / "stack.py").read_text().count("subprocess.Popen") >= 1  # the check looks where they are
+
+
+def test_every_reader_of_a_shared_run_is_scheduled_with_it():
+    """A test file that reads a shared run (tests/shared_runs.py) is listed in conftest's SHARED_RUNS under that
+    run, so it runs on the worker that made the run instead of making it again."""
+    from conftest import SHARED_RUNS
+
+    tests = ROOT / "tests"
+    fixtures = {"tiny_flow", "emmdit_flow"}
+    readers = {}
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                for arg in node.args.args:
+                    if arg.arg in fixtures:
+                        readers[path.name] = arg.arg
+    assert readers and readers == SHARED_RUNS

@@ -9,7 +9,7 @@ import pytest
 
 from shared_runs import mtimes
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("tiny_flow")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_compare_flow_trains_both_arms_at_equal_compute(tiny_flow, tmp_path):

@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.core import storage
 from pipeline.data.download import DownloadConfig, download, normalize_url_list, read_url_list
 from pipeline.data.sources.shards import failure_reason, is_retryable, read_shard_tar
-from pipeline.testing.synthetic import write_synthetic_dataset
+from pipeline.data.shapes import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MIN, MAX = 64, 72  # size policy for these tests (the recipe's is 256 / 512)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("emmdit")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def test_emmdit_tiny_recipe_runs_end_to_end_on_s3(emmdit_flow):

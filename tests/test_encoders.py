@@ -1,4 +1,4 @@
-"""model/encoders.py: stand-in and tiny diffusers VAEs, tiny open_clip text towers, spec errors."""
+"""model/encoders/: stand-in and tiny diffusers VAEs, tiny open_clip text towers, spec errors."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.encoders import (
-    CONFIG_NAME, WEIGHTS_NAME, build_text_tower, load_text_encoder, load_vae, save_tiny_text_encoder, save_tiny_vae,
-)
+from model.encoders import load_text_encoder, load_vae
+from model.encoders.clip_text import CONFIG_NAME, WEIGHTS_NAME, build_text_tower, save_tiny_text_encoder
+from model.encoders.sdxl_vae import save_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a large red circle on a white background, top left", "a small blue square on a black background, center"]

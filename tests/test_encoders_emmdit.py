@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import encoders_dcae, encoders_llama
+from model.encoders import dcae as encoders_dcae, llama as encoders_llama
 from model.encoders import load_text_encoder, load_vae, unconditional_caption
 
 
@@ -69,7 +69,7 @@ def test_tiny_dinov2_matches_the_debug_networks_repa_target_and_loads_from_a_fol
     (group-1 tokens x repa_dim); saved with save_pretrained it loads back through from_pretrained unchanged."""
     from transformers import Dinov2Model
 
-    from model import encoders_dino
+    from model.encoders import dino as encoders_dino
     from model.emmdit.config import PRESETS
     from model.encoders import load_repa_encoder
 

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.evaluate.metrics import (build_clip_score, build_fid, caption_match, describe, fid_from_batches,
                                    load_real_state, save_real_state, update_clip, update_fid)
 from pipeline.evaluate.evaluate import EvalConfig, coco_eval_set, demo_prompts, evaluate
-from pipeline.testing.synthetic import ShapeSpec, parse_caption, render
+from pipeline.data.shapes import ShapeSpec, parse_caption, render
 
 
 class TinyFeatures(nn.Module):

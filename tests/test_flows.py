@@ -15,7 +15,7 @@ import torch
 from shared_runs import (SHRINK, STAGE1_STEPS, TINY, deployment_run, finished, flow_run, flow_run_id, flow_state,
                          mtimes, task_states)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("tiny_flow")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 STAGES = ("stage1", "stage2", "stage3")
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.weights import get_format, import_weights, read_tensors, release_state_of_export, to_release_state
-from pipeline.weights.release import Variant, expected_shapes, prepare_init
+from model.family import Variant
+from pipeline.weights.release import expected_shapes, prepare_init
 
 MICRODIT = get_format("microdit")
 EMMDIT = get_format("emmdit")
@@ -151,7 +152,11 @@ def test_microdit_release_imports_round_trips_and_samples(tmp_path):
     out = import_weights(path, str(tmp_path / "export"), "microdit", "debug")
     assert os.path.isfile(os.path.join(out, "_SUCCESS"))
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["family"] == "microdit" and config["objective"] == EDM
+    # The variant's objective with every constant written out (the ones it does not state: EDM's defaults).
+    from model.objectives.configs import EDMConfig, config_from_dict
+
+    assert config["family"] == "microdit" and config["objective"] == dataclasses.asdict(config_from_dict(EDM))
+    assert set(config["objective"]) == {f.name for f in dataclasses.fields(EDMConfig)}
     assert config["encoders"] == TINY_ENCODERS and config["model"]["in_channels"] == 4
     assert config["source"]["file"] == "dit_debug.pt" and config["source"]["variant"] == "debug"
     assert config["source"]["release_buffers"] == ["mask_token", "pos_embed"]
@@ -218,12 +223,12 @@ def test_released_variants_table():
 
 
 def test_sixteen_channel_vae_spec_loads_from_the_hub_root(monkeypatch):
-    from model import encoders
+    from model.encoders import load_vae, sdxl_vae
 
     seen = {}
-    monkeypatch.setattr(encoders, "_load_diffusers_vae",
+    monkeypatch.setattr(sdxl_vae, "_load",
                         lambda path, subfolder, device, dtype: seen.update(path=path, subfolder=subfolder))
-    encoders.load_vae("ostris/vae-kl-f8-d16")
+    load_vae("ostris/vae-kl-f8-d16")
     assert seen == {"path": "ostris/vae-kl-f8-d16", "subfolder": None}
 
 

@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         rng_plain = torch.get_rng_state()
         want = _full_state(plain)
 
-        meta = build_training_model(cfg, SEED, mesh, device="cpu")
+        meta = build_training_model(cfg, SEED, mesh, device="cpu", family="microdit")
         assert torch.equal(torch.get_rng_state(), rng_plain), "global RNG left elsewhere than the plain build"
         got = _full_state(meta)
         assert got.keys() == want.keys()
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         lat, cap = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
         losses = []
         for model in (plain, meta):
-            loss, _ = edm_loss(model, lat, cap, EDMConfig(), 0.75, torch.Generator().manual_seed(rank))
+            loss, _ = edm_loss(model, lat, cap, EDMConfig(mask_ratio=0.75), torch.Generator().manual_seed(rank))
             loss.backward()
             losses.append(loss.detach())
         assert torch.equal(losses[0], losses[1])
@@ -64,17 +64,17 @@ def _worker(rank: int, world: int, port: int) -> None:
             assert torch.equal(a.grad.to_local(), b.grad.to_local()), name
 
         # Other parallelize options do not change the values; a weights state replaces the init.
-        meta_ac = build_training_model(dict(vars(cfg)), SEED, mesh, device="cpu", bf16=True,
+        meta_ac = build_training_model(dict(vars(cfg)), SEED, mesh, device="cpu", family="microdit", bf16=True,
                                        activation_checkpointing=True)
         for name, value in _full_state(meta_ac).items():
             assert torch.equal(value, want[name]), name
         state = {n: v + 1.0 for n, v in want.items()}
-        loaded = build_training_model(cfg, SEED, mesh, device="cpu", init_weights_state=state)
+        loaded = build_training_model(cfg, SEED, mesh, device="cpu", family="microdit", init_weights_state=state)
         for name, value in _full_state(loaded).items():
             assert torch.equal(value, state[name]), name
         assert torch.equal(torch.get_rng_state(), rng_plain)
         with pytest.raises(ValueError, match="missing.*final_layer"):
-            build_training_model(cfg, SEED, mesh, device="cpu",
+            build_training_model(cfg, SEED, mesh, device="cpu", family="microdit",
                                  init_weights_state={k: v for k, v in state.items() if "final_layer" not in k})
         dist.barrier()
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.full_run import expand_force, step_order
+from flows.full_run import expand_force
 from pipeline.checks import load_run
 from pipeline.core.layout import Layout
 from pipeline.core.plan import (DownloadConfig, EvalConfig, PlanError, PrecomputeConfig, StageConfig,
@@ -156,7 +156,7 @@ def test_layout_owns_the_paths(tmp_path):
 
 def test_force_reruns_the_step_and_everything_after(tmp_path):
     cfg = load_run(TINY, storage_base=str(tmp_path))
-    order = step_order(cfg)
+    order = cfg.step_order()
     assert order == ["download", "precompute", "stage1", "stage2", "stage3", "stage4", "sample", "evaluate",
                      "report"]
     assert expand_force(cfg, []) == set()
@@ -177,3 +177,29 @@ def test_flow_parameters_are_the_typed_plan():
         assert "#/definitions/RunConfig" in str(schema.properties["plan"])
         assert {"RunConfig", "StageConfig", "StageOptim", "EDMObjective", "DownloadConfig"} <= set(schema.definitions)
         assert "sigma_data" in schema.definitions["EDMObjective"]["properties"]
+
+
+def test_the_plan_repeats_no_default():
+    """Each constant has one owner: the plan's objective sections are made from the objectives' own configs (the
+    same default objects, the same range checks), the sample grid and generate take the family's sampler
+    defaults, and the plan's remaining defaults are the owning module's values."""
+    import dataclasses
+
+    from model.family import DEFAULT
+    from model.objectives.configs import EDMConfig, RectifiedFlowConfig
+    from pipeline.core.plan import (EDMObjective, GenerateConfig, ModelSection, PlanError, RectifiedFlowObjective,
+                                    RunConfig, StageConfig, StageSampling, stage_config)
+    from pipeline.core.progress import DEFAULT_EVERY
+
+    for section, config in ((EDMObjective, EDMConfig), (RectifiedFlowObjective, RectifiedFlowConfig)):
+        owned = {f.name: f.default for f in dataclasses.fields(config)}
+        assert set(section.model_fields) == set(owned)
+        assert all(section.model_fields[k].default is v for k, v in owned.items())
+        assert section().config() == config()
+    assert StageConfig().objective.config() == EDMConfig()
+    with pytest.raises(PlanError, match="sigma_data=0"):
+        stage_config({"name": "s", "objective": {"kind": "edm", "sigma_data": 0}})
+    assert (StageSampling().steps, StageSampling().guidance) == (None, None)
+    assert (GenerateConfig().steps, GenerateConfig().guidance) == (None, None)
+    assert RunConfig.model_fields["progress_every"].default is DEFAULT_EVERY
+    assert ModelSection().family is DEFAULT

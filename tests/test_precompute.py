@@ -271,7 +271,7 @@ def test_empty_captions_can_be_counted_skips(shards, tmp_path):
 
 
 def test_posterior_sample_is_per_row_deterministic(tmp_path):
-    from model.encoders import save_tiny_vae
+    from model.encoders.sdxl_vae import save_tiny_vae
 
     rng = np.random.default_rng(0)
     n = 6

@@ -344,7 +344,7 @@ def test_coco_eval_captions_and_images(tmp_path):
 # ------------------------------------------------------------------------------------------- synthetic
 
 def test_synthetic_source_points_at_callers_server(tmp_path):
-    from pipeline.testing.synthetic import serve_folder
+    from pipeline.data.shapes import serve_folder
 
     images = tmp_path / "syn"
     out = str(tmp_path / "synthetic.parquet")

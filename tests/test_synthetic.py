@@ -1,4 +1,4 @@
-"""pipeline/testing/synthetic.py: rendering, captions, dataset files and the loopback server with opt-out headers."""
+"""pipeline/data/shapes.py: rendering, captions, dataset files and the loopback server with opt-out headers."""
 from __future__ import annotations
 
 import collections
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core.images import SkipReason, decode_image, prepare
-from pipeline.testing.synthetic import (
+from pipeline.data.shapes import (
     BACKGROUNDS, BAD_KINDS, COLOURS, ShapeSpec, all_specs, load_synthetic_dataset, parse_caption, render,
     render_array, serve_folder, write_synthetic_dataset,
 )

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.testing import faults
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("emmdit")]
+pytestmark = [pytest.mark.slow]
 
 
 def _plan(emmdit_flow):

@@ -6,15 +6,16 @@ import dataclasses
 from torch import nn
 
 from model.emmdit.config import PRESETS, EMMDiTConfig, flops_per_sample
-from model.objectives.configs import RectifiedFlowConfig
+from model.emmdit.network import EMMDiT
+from model.emmdit.release import RELEASE
 from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
+from model.objectives.configs import RectifiedFlowConfig
 
 DCAE = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
 LLAMA = "meta-llama/Llama-3.2-1B"
 
 
 def build(cfg: EMMDiTConfig) -> nn.Module:
-    from model.emmdit.network import EMMDiT
 
     return EMMDiT(cfg)
 
@@ -57,5 +58,6 @@ FAMILY = Family(
     text=TextSpec(encoder=LLAMA, tokens=128, width=2048, padding="eos (right, to 128 tokens; no attention mask)",
                   unconditional="empty_prompt"),
     sampler=SamplerDefaults(kind="euler", steps=20, guidance=4.5),
+    release=RELEASE,
     notes={"paper": "arXiv 2510.27135", "release": "amd/Nitro-E"},
 )

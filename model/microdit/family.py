@@ -5,13 +5,14 @@ import dataclasses
 
 from torch import nn
 
-from model.objectives.configs import EDMConfig
 from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
 from model.microdit.config import PRESETS, ModelConfig, flops_per_sample
+from model.microdit.network import MicroDiT
+from model.microdit.release import RELEASE
+from model.objectives.configs import EDMConfig
 
 
 def build(cfg: ModelConfig) -> nn.Module:
-    from model.microdit.network import MicroDiT
 
     return MicroDiT(cfg)
 
@@ -45,4 +46,5 @@ FAMILY = Family(
     text=TextSpec(encoder="hf-hub:apple/DFN5B-CLIP-ViT-H-14-378", tokens=77, width=1024,
                   padding="open_clip (zeros after EOT)", unconditional="zeros"),
     sampler=SamplerDefaults(kind="heun", steps=30, guidance=5.0),
+    release=RELEASE,
 )

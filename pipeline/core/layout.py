@@ -6,7 +6,7 @@
     {root}/data/raw/{source}/                files served by the synthetic demo source
     {root}/data/shards/{source}/             webdataset shards (download)       + _SUCCESS
     {root}/data/latents/{source}/            latent Parquet parts (precompute)  + _SUCCESS
-    {root}/train/{stage}/                    checkpoints, metrics, samples of one stage
+    {root}/train/{stage}/                    checkpoints, metrics.jsonl, samples/ of one stage
     {root}/train/{stage}/export/             weights + config.json              + _SUCCESS
     {root}/samples/[{stage}/]                the sample grid (generate.json written last)
     {root}/eval/                             metrics.json                       + _SUCCESS
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pipeline.core import storage
 
 MARKER = "_SUCCESS"
+METRICS = "metrics.jsonl"  # a stage's log rows, beside its checkpoints
 
 
 def is_complete(folder: str) -> bool:
@@ -79,12 +80,26 @@ class Layout:
     def export(self, stage: str) -> str:
         return self.uri("train", stage, "export")
 
+    def export_config(self, stage: str) -> str:
+        return self.uri("train", stage, "export", "config.json")
+
+    def stage_metrics(self, stage: str) -> str:
+        """Rank 0's log rows of a stage (pipeline/train/metrics.py)."""
+        return self.uri("train", stage, METRICS)
+
+    def stage_samples(self, stage: str) -> str:
+        """The training-time sample grids of a stage."""
+        return self.uri("train", stage, "samples")
+
     def stage_plan(self, stage: str) -> str:
         """The run plan a single-stage rerun used (beside that stage's checkpoints)."""
         return self.uri("train", stage, "run_config.json")
 
     def samples(self, stage: str | None = None) -> str:
         return self.uri("samples", stage) if stage else self.uri("samples")
+
+    def sample_grid(self, stage: str | None = None) -> str:
+        return storage.join(self.samples(stage), "grid.png")
 
     @property
     def eval(self) -> str:
@@ -93,6 +108,10 @@ class Layout:
     @property
     def metrics(self) -> str:
         return self.uri("eval", "metrics.json")
+
+    @property
+    def demo_grid(self) -> str:
+        return self.uri("eval", "demo_grid.png")
 
     @property
     def report_dir(self) -> str:

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core import storage
+
 VALUE = np.dtype("<f2")  # every stored tensor value: little-endian float16
 CAPTION_STATES = "caption_states"
 REPA_FEATURES = "repa_features"  # the batch key the rectified-flow objective reads them under, too
@@ -249,8 +251,6 @@ def write_unconditional(folder_uri: str, unconditional: np.ndarray, pad: np.ndar
     """Write a source's `_unconditional.safetensors` ((tokens, width) and (width,), float32); returns its URI."""
     from safetensors.numpy import save
 
-    from pipeline.core import storage
-
     uri = storage.join(folder_uri, UNCONDITIONAL_FILE)
     storage.write_bytes(uri, save({"unconditional": np.ascontiguousarray(unconditional, dtype=np.float32),
                                    "pad": np.ascontiguousarray(pad, dtype=np.float32)}))
@@ -260,8 +260,6 @@ def write_unconditional(folder_uri: str, unconditional: np.ndarray, pad: np.ndar
 def read_unconditional(folder_uri: str) -> np.ndarray | None:
     """A source's unconditional caption (tokens, width) float32, or None when its folder has none."""
     from safetensors.numpy import load
-
-    from pipeline.core import storage
 
     uri = storage.join(folder_uri, UNCONDITIONAL_FILE)
     if not storage.exists(uri):

@@ -36,7 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.encoders import load_text_encoder, load_vae
+from model.encoders.dino import feature_shape
 from pipeline.core import layout, schema, storage
+from pipeline.core import ray_cluster
 from pipeline.core.plan import PrecomputeConfig
 from pipeline.core.progress import Reporter, Sink
 from pipeline.data.precompute_stages import (SPOOL_DIR, DecodeImages, EncodeCaptions, EncodeImages, EncodeRepa,
@@ -78,8 +81,6 @@ def encoder_dims(cfg: PrecomputeConfig) -> dict:
     """Latent channels, downsample and text shape of the configured encoders (loaded once on CPU to ask); for a
     text encoder with a fixed pad row (Llama) also that row and the empty prompt's embedding (`text_pad`,
     `unconditional`, float32 arrays)."""
-    from model.encoders import load_text_encoder, load_vae
-
     vae = load_vae(cfg.vae)
     text = load_text_encoder(cfg.text_encoder, tokens=cfg.max_caption_tokens)
     if text.context_length != cfg.max_caption_tokens:
@@ -91,7 +92,6 @@ def encoder_dims(cfg: PrecomputeConfig) -> dict:
         dims["text_pad"] = text.pad_state.cpu().numpy()
         dims["unconditional"] = text.unconditional().cpu().numpy()
     if cfg.repa is not None:  # from the encoder's configs; its weights load in the actors only
-        from model.encoders_dino import feature_shape
 
         dims["repa_shape"] = feature_shape(cfg.repa)
     return dims
@@ -256,8 +256,6 @@ def precompute(shards_uri: str, out_uri: str, cfg: PrecomputeConfig, ray_address
     progress: where records of samples done (of the download's image count), skips by reason and shards go, as
     `step` (Ray Data's own progress bars and the dashboard's Data view show its operators)."""
     import ray
-
-    from pipeline.core import ray_cluster
 
     start = time.monotonic()
     if cfg.vae is None or cfg.text_encoder is None:

@@ -20,6 +20,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from model.encoders import load_repa_encoder
+from model.encoders import load_text_encoder
+from model.encoders import load_vae
 from pipeline.core import schema, storage
 from pipeline.core.images import prepare
 
@@ -209,8 +212,6 @@ class EncodeImages:
     def __init__(self, vae_spec: str, resolutions: list[int], batch_size: int, device: str, dtype: str, seed: int):
         import torch
 
-        from model.encoders import load_vae
-
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
@@ -248,8 +249,6 @@ class EncodeRepa:
     def __init__(self, repa_spec: str, resolutions: list[int], batch_size: int, device: str, dtype: str):
         import torch
 
-        from model.encoders import load_repa_encoder
-
         self.torch = torch
         self.encoder = load_repa_encoder(repa_spec, device, getattr(torch, dtype))
         self.resolutions, self.batch_size = sorted(resolutions, reverse=True), batch_size
@@ -277,8 +276,6 @@ class EncodeCaptions:
 
     def __init__(self, text_spec: str, batch_size: int, device: str, dtype: str, max_tokens: int):
         import torch
-
-        from model.encoders import load_text_encoder
 
         self.encoder = load_text_encoder(text_spec, device, getattr(torch, dtype), tokens=max_tokens)
         if self.encoder.context_length != max_tokens:

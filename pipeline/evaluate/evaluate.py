@@ -28,10 +28,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import layout, storage
+from pipeline.core.images import decode_image, preprocess, to_uint8
 from pipeline.core.layout import Layout
 from pipeline.core.plan import EvalConfig, GenerateConfig
 from pipeline.core.progress import Reporter, Sink
 from pipeline.data.coco_captions import select_captions
+from pipeline.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec
 from pipeline.evaluate.metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
 from pipeline.generate import Generator, encode_png, image_name, make_grid, resolve_device
@@ -42,8 +44,6 @@ COCO_IMAGES = "val2014"
 
 def demo_prompts() -> list[str]:
     """Every colour x shape, large and centred, backgrounds in turn: 18 in-distribution synthetic captions."""
-    from pipeline.testing.synthetic import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec
-
     bgs = list(BACKGROUNDS)
     specs = [(c, s) for c in COLOURS for s in SHAPES]
     return [ShapeSpec(c, s, bgs[i % len(bgs)], "center", "large").caption for i, (c, s) in enumerate(specs)]
@@ -57,7 +57,6 @@ def coco_eval_set(coco: str, num: int, seed: int) -> list[dict]:
 
 
 def _real_batches(rows: list[dict], resolution: int, batch: int):
-    from pipeline.core.images import decode_image, preprocess, to_uint8
 
     for i in range(0, len(rows), batch):
         out = []

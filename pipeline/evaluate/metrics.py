@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core import storage
+from pipeline.data.shapes import BACKGROUNDS, COLOURS
+from pipeline.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, parse_caption
+from pipeline.data.shapes import POSITIONS, SHAPES, SIZES, ShapeSpec, render
 
 FID_REAL_STATE = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -194,8 +197,6 @@ def _nearest(colour: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> st
 @lru_cache(maxsize=8)
 def _templates(width: int, height: int) -> tuple[list[tuple[str, str, str]], np.ndarray]:
     """Masks of every (shape, position, size) the synthetic renderer draws at this size: (K, H, W) bool."""
-    from pipeline.testing.synthetic import POSITIONS, SHAPES, SIZES, ShapeSpec, render
-
     keys = [(s, p, z) for s in SHAPES for p in POSITIONS for z in SIZES]
     masks = [np.asarray(render(ShapeSpec("red", s, "black", p, z), width, height))[..., 0] > 127 for s, p, z in keys]
     return keys, np.stack(masks)
@@ -207,8 +208,6 @@ def describe(image: np.ndarray, fg_threshold: float = 80.0, min_area: float = 0.
     Background is the median border colour; foreground pixels differ from it by more than fg_threshold (RGB
     distance). Shape, position and size come from the renderer's mask that overlaps the foreground best (IoU).
     """
-    from pipeline.testing.synthetic import BACKGROUNDS, COLOURS
-
     x = np.asarray(image, np.float64)  # (H, W, 3)
     h, w = x.shape[:2]
     b = max(1, min(h, w) // 32)
@@ -229,8 +228,6 @@ def describe(image: np.ndarray, fg_threshold: float = 80.0, min_area: float = 0.
 
 def caption_match(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
     """Per-attribute accuracy of synthetic pictures against their captions; caption_match = colour and shape."""
-    from pipeline.testing.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, parse_caption
-
     if len(images) != len(captions) or not len(images):
         raise ValueError(f"expected as many images as captions (and some), got {len(images)} and {len(captions)}")
     attrs = ("colour", "shape", "background", "position", "size")

@@ -10,8 +10,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from model import family as families
+from model.microdit.config import flops_per_sample
+from model.objectives.configs import config_from_dict as objective_config
 from pipeline.core import storage
+from pipeline.core.layout import Layout
+from pipeline.core.plan import stage_config
 from pipeline.report.report import ReportConfig, _fmt, _stage_names, plot_curves, read_jsonl
+from pipeline.report.report import stage_fields
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,6 @@ def equal_compute_plan(model_cfg, stage_cfg, budget_flops: float | None = None,
     model_cfg: ModelConfig (its input_size is set from the stage resolution / VAE `downsample`).
     budget_flops: None -> what `stage_cfg` itself costs (its steps at its own mask ratio).
     """
-    from model.microdit.config import flops_per_sample
-    from pipeline.core.plan import stage_config
-
     stage = stage_config(stage_cfg)
     resolution, batch = stage.data.resolution, stage.batch.global_batch
     if stage.objective.kind != "edm":
@@ -65,29 +68,24 @@ def equal_compute_plan(model_cfg, stage_cfg, budget_flops: float | None = None,
 
 def run_curves(root: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Metric rows of a run's stages in order, with cumulative `samples` and `flops`; plus totals."""
-    from model import family as families
-    from model.objectives.configs import config_from_dict as objective_config
-    from pipeline.report.report import stage_fields
-
-    rows, samples, flops = [], 0, 0.0
+    rows, samples, flops, paths = [], 0, 0.0, Layout(root)
     for name in _stage_names(root, ReportConfig()):
-        export = storage.join(root, "train", name, "export", "config.json")
+        export = paths.export_config(name)
         if not storage.exists(export):
             raise FileNotFoundError(f"{export!r} does not exist; compare needs each stage's model and stage config")
         config = storage.read_json(export)
         stage, model = stage_fields(config.get("stage") or {}), config.get("model")
         if model is None or not stage.get("global_batch"):
             raise ValueError(f"{export!r} needs 'model' and the stage's global batch to count FLOPs")
-        fam = families.get(config.get("family", "microdit"))
+        fam = families.get(config.get("family", families.DEFAULT))
         objective = config.get("objective") or {"kind": "edm", "mask_ratio": float(stage.get("mask_ratio") or 0.0)}
         fps = fam.flops_per_sample(fam.config_from_dict(model), objective_config(objective))
         batch, last = int(stage["global_batch"]), 0
-        for r in read_jsonl(storage.join(root, "train", name, "metrics.jsonl")):
+        for r in read_jsonl(paths.stage_metrics(name)):
             n = (r["step"] - last) * batch
             samples, flops, last = samples + n, flops + n * fps, r["step"]
             rows.append({**r, "stage": name, "samples": samples, "flops": flops})
-    metrics_uri = storage.join(root, "eval", "metrics.json")
-    metrics = storage.read_json(metrics_uri) if storage.exists(metrics_uri) else {}
+    metrics = storage.read_json(paths.metrics) if storage.exists(paths.metrics) else {}
     final = [r["loss"] for r in rows if r.get("loss") is not None][-5:]
     return rows, {"samples": samples, "flops": flops,
                   "final_loss": sum(final) / len(final) if final else None, "metrics": metrics}
@@ -101,7 +99,7 @@ def compare_report(run_a_root: str, run_b_root: str, out_uri: str, labels: Seque
     for label, root in zip(labels, (run_a_root, run_b_root), strict=True):
         rows, tot = run_curves(root)
         if not rows:
-            raise FileNotFoundError(f"no training metrics under {storage.join(root, 'train')!r}")
+            raise FileNotFoundError(f"no training metrics under {Layout(root).train_root!r}")
         curves[label], totals[label] = rows, tot
     storage.write_bytes(storage.join(out_uri, "loss_vs_flops.png"),
                         plot_curves(curves, "loss", "training loss", x="flops", xlabel="training FLOPs", logy=True))

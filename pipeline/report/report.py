@@ -20,8 +20,9 @@ import json
 import os
 from typing import Any
 
+from model import family as families
 from pipeline.core import storage
-from pipeline.core.layout import Layout
+from pipeline.core.layout import METRICS, Layout
 from pipeline.core.plan import ReportConfig
 
 # Stretching Each Dollar (arXiv 2407.15811), Table / abstract figures.
@@ -89,23 +90,23 @@ def stage_stats(rows: list[dict[str, Any]], stage: dict[str, Any], price: float,
 
 
 def _stage_names(root: str, cfg: ReportConfig) -> list[str]:
-    train = storage.join(root, "train")
-    train = train if storage.is_s3(train) else os.path.abspath(train)  # list_files gives absolute paths
+    paths = Layout(root)
+    train = paths.train_root if storage.is_s3(root) else os.path.abspath(paths.train_root)  # list_files: absolute
     found = set()
-    for uri in storage.list_files(train, "metrics.jsonl", recursive=True):
+    for uri in storage.list_files(train, METRICS, recursive=True):
         parts = uri[len(train):].strip("/").split("/")
-        if len(parts) == 2 and parts[1] == "metrics.jsonl":  # train/{stage}/metrics.jsonl only
+        if len(parts) == 2 and parts[1] == METRICS:  # train/{stage}/metrics.jsonl only
             found.add(parts[0])
     found = sorted(found)
     order = cfg.stages
-    if order is None and storage.exists(storage.join(root, "config.json")):
-        run = storage.read_json(storage.join(root, "config.json"))
+    if order is None and storage.exists(paths.config):
+        run = storage.read_json(paths.config)
         order = [s["name"] for s in run.get("stages", []) if isinstance(s, dict) and "name" in s] or None
     if order is None:
         return found
     missing = [s for s in order if s not in found]
     if cfg.stages is not None and missing:
-        raise FileNotFoundError(f"no metrics.jsonl for stage(s) {missing} under {storage.join(root, 'train')!r}")
+        raise FileNotFoundError(f"no {METRICS} for stage(s) {missing} under {paths.train_root!r}")
     return [s for s in order if s in found]
 
 
@@ -169,32 +170,30 @@ def _copy(src: str, report: str, name: str) -> str | None:
 def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
     """Write {root}/report/report.md (+ .html, stats.json, PNGs) from the run's outputs; returns report.md's URI."""
     cfg = cfg or ReportConfig()
-    report = Layout(root_uri).report_dir
+    paths = Layout(root_uri)
+    report = paths.report_dir
     stages = _stage_names(root_uri, cfg)
     if not stages:
-        raise FileNotFoundError(f"no {storage.join(root_uri, 'train', '<stage>', 'metrics.jsonl')!r}: "
-                                "nothing to report; train a stage first")
+        raise FileNotFoundError(f"no {paths.stage_metrics('<stage>')!r}: nothing to report; train a stage first")
     series, stats, family = {}, {}, None
     for name in stages:
-        series[name] = read_jsonl(storage.join(root_uri, "train", name, "metrics.jsonl"))
-        export = storage.join(root_uri, "train", name, "export", "config.json")
+        series[name] = read_jsonl(paths.stage_metrics(name))
+        export = paths.export_config(name)
         exported = storage.read_json(export) if storage.exists(export) else {}
         family = family or exported.get("family")
         stats[name] = stage_stats(series[name], exported.get("stage", {}), cfg.price_per_gpu_hour, cfg.tail)
     totals = {k: sum(s[k] or 0 for s in stats.values()) for k in ("steps", "samples", "hours", "gpu_hours",
                                                                    "core_hours", "cost_usd")}
     totals["samples_per_s"] = totals["samples"] / (totals["hours"] * 3600) if totals["hours"] else None
-    eval_uri = storage.join(root_uri, "eval", "metrics.json")
-    metrics = storage.read_json(eval_uri) if storage.exists(eval_uri) else None
+    metrics = storage.read_json(paths.metrics) if storage.exists(paths.metrics) else None
 
     figures = {"loss.png": plot_curves(series, "loss", "training loss", logy=True),
                "throughput.png": plot_curves(series, "samples_per_s", "samples / s")}
     for fname, data in figures.items():
         storage.write_bytes(storage.join(report, fname), data)
     grids = []  # (title, file name in the report folder)
-    for title, src, fname in ([("Final samples", storage.join(root_uri, "samples", "grid.png"), "samples.png"),
-                               ("Demo caption-match samples", storage.join(root_uri, "eval", "demo_grid.png"),
-                                "demo_grid.png")]
+    for title, src, fname in ([("Final samples", paths.sample_grid(), "samples.png"),
+                               ("Demo caption-match samples", paths.demo_grid, "demo_grid.png")]
                               + [(f"{s}: last training samples", _last_png(root_uri, s), f"samples_{s}.png")
                                  for s in stages]):
         if src and _copy(src, report, fname):
@@ -208,22 +207,21 @@ def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
                                                             "paper": PAPER})
     if cfg.html:
         storage.write_bytes(storage.join(report, "report.html"), _html(cfg.title, md).encode())
-    uri = storage.join(report, "report.md")
+    uri = paths.report
     storage.write_bytes(uri, md.encode())  # last: the report's presence means its figures are there
     return uri
 
 
 def _family_title(name: str | None) -> str:
-    from model import family as families
 
     try:
-        return families.get(name or "microdit").title
+        return families.get(name or families.DEFAULT).title
     except ValueError:
         return str(name)
 
 
 def _last_png(root: str, stage: str) -> str | None:
-    files = storage.list_files(storage.join(root, "train", stage, "samples"), ".png")
+    files = storage.list_files(Layout(root).stage_samples(stage), ".png")
     return files[-1] if files else None
 
 

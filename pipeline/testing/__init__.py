@@ -1,1 +1,2 @@
-"""Test and demo machinery kept out of product code: the synthetic shapes dataset and its loopback HTTP server."""
+"""Test machinery kept out of product code: fault injection for training stages (reached through
+pipeline/train/hooks.py). The demo's synthetic shapes are product: pipeline/data/shapes.py."""

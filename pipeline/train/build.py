@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model import family as families
+from pipeline.train.parallelize import parallelize
+
 aten = torch.ops.aten
 
 # In-place ops that overwrite a whole tensor: the only ones an init may apply to a parameter here.
@@ -200,7 +203,7 @@ def record_meta_build(build) -> tuple[nn.Module, dict[str, tuple[nn.Parameter, _
     return model, ops
 
 
-def build_training_model(model_cfg, seed: int, mesh, *, device: torch.device | str, family: str = "microdit",
+def build_training_model(model_cfg, seed: int, mesh, *, device: torch.device | str, family: str,
                          bf16: bool = False, compile: bool = False, activation_checkpointing: bool = False,
                          float8: bool = False, init_weights_state: Mapping[str, torch.Tensor] | None = None
                          ) -> nn.Module:
@@ -212,9 +215,6 @@ def build_training_model(model_cfg, seed: int, mesh, *, device: torch.device | s
     model_cfg: the family's config or its dict. The global RNG is seeded with `seed` and left where the plain
     build leaves it.
     """
-    from model import family as families
-    from pipeline.train.parallelize import parallelize
-
     fam = families.get(family)
     cfg = model_cfg if isinstance(model_cfg, fam.config_class) else fam.config_from_dict(dict(model_cfg))
     torch.manual_seed(seed)

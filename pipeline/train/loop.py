@@ -16,13 +16,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model import family as families
+from model.ema import EMA
+from model.objectives.objective import build as build_objective
 from pipeline.core import schema, storage
 from pipeline.core.plan import StageConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import hooks as train_hooks
+from pipeline.train.build import build_training_model
 from pipeline.train.data import MixtureStream
 from pipeline.train.metrics import MetricsLogger, RayGauges, memory_gb, numeric, peak_flops
+from pipeline.train.optim import apply_lr, stage_lr_lambda
+from pipeline.train.optim import build_optimizer
 from pipeline.train.parallelize import build_mesh, parallelize
+from pipeline.train.samples import sample_latents, write_grid
 from pipeline.train.worker_plan import WorkerPlan
 
 
@@ -49,8 +56,6 @@ def micro_generator(stage: StageConfig, step: int, micro: int, rank: int, device
 
 def build_model(family: str, model_cfg: dict[str, Any], stage: StageConfig, weights_uri: str | None):
     """The family's plain network, initialised identically on every rank (seeded), or from exported weights."""
-    from model import family as families
-
     fam = families.get(family)
     torch.manual_seed(stage.seed)
     model = fam.build(fam.config_from_dict(model_cfg))
@@ -68,9 +73,6 @@ def build_sharded_model(plan: WorkerPlan, device: torch.device, world: int, weig
     """The family's network, sharded: built on the meta device and materialised shard by shard (no rank holds
     the whole unsharded model), or, for a family that cannot replay its init that way, built whole and sharded.
     Parameters are the same either way: the seeded plain build's, or the given weights."""
-    from model import family as families
-    from pipeline.train.build import build_training_model
-
     stage, export = plan.stage, plan.export
     b, fam = stage.batch, families.get(export.family)
     mesh = build_mesh(world, device.type)
@@ -146,8 +148,6 @@ def build_worker(plan: WorkerPlan) -> Worker:
     """Build the model on CPU (same seed on every rank), shard it, then resume or start as the stage says."""
     import ray.train
     import ray.train.torch
-    from model.ema import EMA
-    from pipeline.train.optim import build_optimizer
 
     stage = plan.stage
     ctx = ray.train.get_context()
@@ -226,8 +226,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, str] | None:
     `config` is the stage's WorkerPlan as Ray Train hands it over (a dict), validated here once. Returns
     {"refused": reason} (rank 0's return value reaches the driver) when the stage cannot start."""
     import ray.train
-    from model.objectives.objective import build as build_objective
-    from pipeline.train.optim import apply_lr, stage_lr_lambda
 
     plan = WorkerPlan.received(config)
     try:
@@ -309,7 +307,6 @@ def inference_weights(family: str, model_cfg: dict[str, Any], *states: dict) -> 
     the next stage and generate build the inference network (E-MMDiT: repa=False) and load the export strictly."""
     if not model_cfg.get("repa"):
         return (model_cfg, *states)
-    from model import family as families
 
     fam, cfg = families.get(family), {**model_cfg, "repa": False}
     with torch.device("meta"):
@@ -349,14 +346,13 @@ def save_checkpoint(app, rank: int, world: int, plan: WorkerPlan, metrics: dict[
 
 def maybe_sample(model, ema, prompts: torch.Tensor, objective, plan: WorkerPlan, step: int, rank: int) -> None:
     """A sample grid from the fixed prompts with EMA weights (all ranks run the sharded model; rank 0 writes)."""
-    from pipeline.train.samples import sample_latents, write_grid
-
     stage, s = plan.stage, plan.stage.sampling
     if prompts.shape[0] == 0 or s.prompts == 0:
         return
     model.eval()  # FSDP's bf16 policy already covers the sampler's forwards on GPU
-    latents = sample_latents(model, ema, prompts, plan.latent_shape, objective, steps=s.steps,
-                             guidance=s.guidance, seed=stage.seed)
+    defaults = plan.export.sampler  # the family's, where the stage sets none
+    latents = sample_latents(model, ema, prompts, plan.latent_shape, objective, steps=s.steps or defaults.steps,
+                             guidance=defaults.guidance if s.guidance is None else s.guidance, seed=stage.seed)
     model.train()
     if rank == 0:
         encoders = plan.export.encoders

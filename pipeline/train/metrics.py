@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.core import storage
+from pipeline.core.layout import METRICS
 from pipeline.core.progress import Reporter, Sink
 
 log = logging.getLogger("microdit.train")
@@ -52,7 +53,7 @@ class MetricsLogger:
     """Rank-0 sink: prints a line per log step, keeps metrics.jsonl, writes TensorBoard scalars."""
 
     def __init__(self, stage_uri: str, resume_step: int, tensorboard: bool = True):
-        self.uri = storage.join(stage_uri, "metrics.jsonl")
+        self.uri = storage.join(stage_uri, METRICS)
         self.rows: list[dict[str, Any]] = []
         if storage.exists(self.uri):
             lines = storage.read_bytes(self.uri).decode().splitlines()
@@ -84,7 +85,7 @@ class MetricsLogger:
 
 def read_metrics(stage_uri: str) -> list[dict[str, Any]]:
     """The rows of a stage's metrics.jsonl (empty when there is none yet)."""
-    uri = storage.join(stage_uri, "metrics.jsonl")
+    uri = storage.join(stage_uri, METRICS)
     if not storage.exists(uri):
         return []
     return [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.encoders import load_vae
+from model.samplers.heun import make_noise
 from pipeline.core import storage
 from pipeline.train.parallelize import reshard_all
 
@@ -17,8 +19,6 @@ def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, 
                    guidance: float, seed: int) -> torch.Tensor:
     """Latents (K, C, H, W) drawn by the stage's objective with the EMA weights (swapped in, then back); run on
     every rank (FSDP)."""
-    from model.samplers.heun import make_noise
-
     device = captions.device
     backup = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema.copy_to(model)
@@ -34,7 +34,6 @@ def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, 
 def to_pixels(latents: torch.Tensor, vae_spec: str | None) -> np.ndarray:
     """(K, 3, H, W) uint8 pictures: decoded with the VAE when given, else the first 3 channels, normalised."""
     if vae_spec:
-        from model.encoders import load_vae
 
         x = load_vae(vae_spec).decode(latents.float().cpu())  # (K, 3, H*f, W*f) in [-1, 1]
     else:

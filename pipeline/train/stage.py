@@ -14,15 +14,19 @@ import json
 import logging
 from collections.abc import Mapping
 
+from model import family as families
 from pipeline.core import layout, schema, storage
 from pipeline.core.layout import Layout
 from pipeline.core.plan import EncodersConfig, ModelSection, StageConfig, stage_config
+from pipeline.core.ray_cluster import connect
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import hooks
-from pipeline.train.inputs import check_repa_features, check_sources
-from pipeline.train.worker_plan import ExportSection, SamplerSection, StartFrom, WorkerPlan
 from pipeline.train.data import (build_datasets, candidate_sources, dataset_name, fixed_prompts,
                                  mixture_weights, unconditional)
+from pipeline.train.inputs import check_repa_features, check_sources
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.process_group import BoundTorchConfig
+from pipeline.train.worker_plan import ExportSection, SamplerSection, StartFrom, WorkerPlan
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ def is_done(root: str, name: str) -> bool:
 def stage_model_config(model: ModelSection, stage: StageConfig, latent_shape, caption_shape):
     """(family, network config) for this stage: the preset with the recipe's overrides, fitted to the data
     (latent side) and to the stage (positions scaled by resolution / base_resolution)."""
-    from model import family as families
-
     fam = families.get(model.family)
     base = fam.config(model.preset, **model.overrides())
     cfg = fam.fit(base, latent_shape, caption_shape, stage.pos_interp_scale)
@@ -166,10 +168,6 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipeline.core.ray_cluster import connect
-    from pipeline.train.loop import train_loop_per_worker
-    from pipeline.train.process_group import BoundTorchConfig
 
     stage = stage_config(stage)
     model = ModelSection(preset=model) if isinstance(model, str) else ModelSection.model_validate(model)

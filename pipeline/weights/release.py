@@ -1,75 +1,37 @@
 """Released checkpoints -> our exports: safe reading, the name map, every shape checked, the export written.
 
-A `ReleaseFormat` (one per family, in this package's `microdit.py` and `emmdit.py`) holds what a family's public
-release looks like: its variants (file, network config, encoders, sampler, published scores), the rule that
+A family declares its `ReleaseFormat` (model/family.py; model/microdit/release.py, model/emmdit/release.py): what its
+public release looks like: its variants (file, network config, encoders, sampler, published scores), the rule that
 renames a release tensor to ours and back, and the release-only buffers our network rebuilds from its config.
 Files load through safetensors or `torch.load(weights_only=True)`, never a plain pickle.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
-from torch import nn
 
+from model import family as families
+from model.family import ReleaseFormat, Variant
+from model.objectives.configs import config_from_dict as objective_config
 from pipeline.core import layout, storage
 
-# family -> "module:attribute" of its ReleaseFormat
-FORMATS = {
-    "microdit": "pipeline.weights.microdit:FORMAT",
-    "emmdit": "pipeline.weights.emmdit:FORMAT",
-}
 WEIGHTS, EMA, CONFIG = "model.safetensors", "ema.safetensors", "config.json"
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One released file: its network (preset + overrides), encoders, objective, sampler and published scores."""
-
-    name: str
-    file: str
-    preset: str
-    overrides: dict[str, Any]
-    encoders: dict[str, str]
-    objective: dict[str, Any]
-    sampler: dict[str, Any]
-    scores: dict[str, float]
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class ReleaseFormat:
-    """How one family's release names and stores its tensors (see the module docstring)."""
-
-    family: str
-    repo: str  # where the files are published
-    variants: dict[str, Variant]
-    to_ours: Callable[[str], str | None]  # release key -> our key; None: not a tensor of this layout
-    to_release: Callable[[str], str]  # our key -> release key
-    config: Callable[[str, dict], Any]  # (preset, overrides) -> our network config
-    build: Callable[[Any], nn.Module]
-    config_to_dict: Callable[[Any], dict]
-    config_from_dict: Callable[[dict], Any]
-    # Release-only buffers our network rebuilds from its config: name -> config -> the release's tensor.
-    buffers: dict[str, Callable[[Any], torch.Tensor]] = field(default_factory=dict)
-    # Release-only buffers whose values must equal the rebuilt ones (a file of another resolution differs).
-    checked_buffers: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = ()  # key prefixes of training-only tensors dropped on import
-    signature: str = ""  # a key prefix only this family's release has (names the family of a foreign file)
-
-
 def get_format(family: str) -> ReleaseFormat:
-    """The release format of `family`; ValueError naming the known ones otherwise."""
-    if family not in FORMATS:
-        raise ValueError(f"no released weights known for family {family!r}; expected one of {sorted(FORMATS)}")
-    module, attr = FORMATS[family].split(":")
-    return getattr(importlib.import_module(module), attr)
+    """The release format `family` declares; ValueError naming the family (or the known ones) otherwise."""
+    fmt = families.get(family).release if family in families.REGISTRY else None
+    if fmt is None:
+        released = sorted(n for n in families.REGISTRY if families.get(n).release is not None)
+        raise ValueError(f"no released weights known for family {family!r}; expected one of {released}")
+    return fmt
 
 
 def variant_for(fmt: ReleaseFormat, path: str, variant: str | None) -> Variant:
@@ -218,9 +180,9 @@ def _unwrap(release: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
 
 def _hint(fmt: ReleaseFormat, release, cfg, only_shapes: bool) -> str:
     """Which family or variant a file that does not fit seems to be."""
-    for other in FORMATS:  # a file of another family?
-        o = get_format(other)
-        if other != fmt.family and o.signature and any(k.startswith(o.signature) for k in release):
+    for other in families.REGISTRY:  # a file of another family?
+        o = families.get(other).release
+        if o is not None and other != fmt.family and o.signature and any(k.startswith(o.signature) for k in release):
             return f"; it looks like a {other} release: use --family {other}"
     if only_shapes:  # a file of another variant?
         for v in fmt.variants.values():
@@ -255,7 +217,9 @@ def to_release_state(fmt: ReleaseFormat, state: Mapping[str, torch.Tensor], cfg:
 
 def export_config(fmt: ReleaseFormat, v: Variant, cfg: Any, source: dict[str, Any]) -> dict[str, Any]:
     """config.json of an imported export: what generate and training need, and where the weights came from."""
-    return {"family": fmt.family, "model": fmt.config_to_dict(cfg), "objective": dict(v.objective),
+    # The objective with all its constants (a variant states only those that differ from the defaults).
+    objective = dataclasses.asdict(objective_config(v.objective))
+    return {"family": fmt.family, "model": fmt.config_to_dict(cfg), "objective": objective,
             "encoders": dict(v.encoders), "sampler": dict(v.sampler), "step": None, "source": source}
 
 
@@ -317,7 +281,7 @@ def prepare_init(path: str, family: str, model_dict: dict, work_uri: str) -> str
     cfg = fmt.config_from_dict(model_dict)
     if is_export(path):
         config = storage.read_json(storage.join(path, CONFIG))
-        if config.get("family", "microdit") != family:
+        if config.get("family", families.DEFAULT) != family:
             raise ValueError(f"init.path {path!r} is a {config.get('family')} export; this stage trains {family}")
         uri = storage.join(path, WEIGHTS)
         _check_ours(fmt, _shapes(uri), cfg, uri)

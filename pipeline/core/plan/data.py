@@ -28,8 +28,8 @@ class SourceConfig(Section):
 
 
 class EncodersConfig(Section):
-    """Frozen encoders: a VAE spec, a text encoder spec (model/encoders.py lists the accepted specs) and, for REPA,
-    an image feature encoder (model/encoders_dino.py: "dinov2-base", "tiny-dinov2"; None: no features written)."""
+    """Frozen encoders: a VAE spec, a text encoder spec (model/encoders/ lists the accepted specs) and, for REPA,
+    an image feature encoder (model/encoders/dino.py: "dinov2-base", "tiny-dinov2"; None: no features written)."""
 
     vae: str = "stabilityai/stable-diffusion-xl-base-1.0"
     text: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"

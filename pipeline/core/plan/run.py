@@ -16,13 +16,18 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from model.family import DEFAULT as DEFAULT_FAMILY
 from pipeline.core import storage
+from pipeline.core.progress import DEFAULT_EVERY
 from pipeline.core.plan.base import PlanError, Section, apply_override, load_yaml, validate
 from pipeline.core.plan.data import DownloadConfig, EncodersConfig, PrecomputeConfig, SourceConfig
 from pipeline.core.plan.outputs import EvalConfig, ReportConfig, SampleConfig
 from pipeline.core.plan.stage import StageConfig
 
-STEP_NAMES = ("download", "precompute", "sample", "evaluate", "report", "all")
+# The pipeline's steps in run order ("train": every stage of the plan, by its name); the flow, the cache keys
+# (flows/caching.py) and `force` read this list.
+STEPS = ("download", "precompute", "train", "sample", "evaluate", "report")
+RESERVED_NAMES = {*STEPS, "all"}  # what a stage may not be called: `force` takes step and stage names alike
 
 
 class ModelSection(Section):
@@ -30,7 +35,7 @@ class ModelSection(Section):
 
     model_config = ConfigDict(extra="allow")
 
-    family: str = "microdit"
+    family: str = DEFAULT_FAMILY
     preset: str = "MicroDiT_XL_2"
 
     def overrides(self) -> dict[str, Any]:
@@ -54,7 +59,7 @@ class RunConfig(Section):
     evaluate: EvalConfig | None = None
     report: ReportConfig = Field(default_factory=ReportConfig)
     # Seconds between progress records of a running step (Prefect artifacts, log lines); its last always goes out.
-    progress_every: float = Field(30.0, ge=0)
+    progress_every: float = Field(DEFAULT_EVERY, ge=0)
 
     @field_validator("precompute")
     @classmethod
@@ -70,9 +75,9 @@ class RunConfig(Section):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages need unique names; got {names}")
-        if set(STEP_NAMES) & set(names):
-            raise ValueError(f"stage names {sorted(set(STEP_NAMES) & set(names))} clash with step names "
-                             f"{list(STEP_NAMES)}")
+        if RESERVED_NAMES & set(names):
+            raise ValueError(f"stage names {sorted(RESERVED_NAMES & set(names))} clash with step names "
+                             f"{sorted(RESERVED_NAMES)}")
         for i, st in enumerate(self.stages):
             if st.init.stage is not None and st.init.stage not in names[:i]:
                 raise ValueError(f"stage {st.name!r} starts from {st.init.stage!r}, which is not an earlier stage "
@@ -88,6 +93,11 @@ class RunConfig(Section):
         if not self.sample.prompts:
             raise ValueError("sample.prompts is empty: the sample grid needs at least one prompt")
         return self
+
+    def step_order(self) -> list[str]:
+        """This run's steps in order: STEPS with "train" as the stage names, evaluate only when configured."""
+        names = {"train": [s.name for s in self.stages], "evaluate": ["evaluate"] if self.evaluate else []}
+        return [name for step in STEPS for name in names.get(step, [step])]
 
     def stage(self, name: str) -> StageConfig:
         for st in self.stages:

@@ -120,12 +120,14 @@ class StageCheckpoint(Section):
 
 
 class StageSampling(Section):
-    """The training-time sample grid from fixed caption states of the data (0 `every`: at the stage's end)."""
+    """The training-time sample grid from fixed caption states of the data (0 `every`: at the stage's end).
+
+    `steps` and `guidance` of None take the family's sampler defaults (model/family.py), as generate does."""
 
     every: int = Field(0, ge=0)
     prompts: int = Field(8, ge=0)
-    steps: int = Field(30, ge=1)
-    guidance: float = Field(5.0, ge=0)
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0)
 
 
 class InitConfig(Section):

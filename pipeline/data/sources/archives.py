@@ -10,6 +10,8 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from pipeline.core import storage
+from pipeline.data.sources.shards import ArchiveTask
+from pipeline.data.sources.shards import RawSample
 
 
 def list_archives(folder: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -72,8 +74,6 @@ def read_listed_images(task) -> Iterator:
     import posixpath as pp
     import zipfile
 
-    from pipeline.data.sources.shards import RawSample
-
     base, items = task.params["base"], task.params["items"]
     if base.endswith(".zip"):
         fs, path = storage.filesystem(base)
@@ -93,8 +93,6 @@ def read_listed_images(task) -> Iterator:
 
 def chunk_tasks(items: list, per_shard: int, base: str, reader) -> list:
     """Split a fixed, ordered item list into ArchiveTasks of per_shard items (shard id = chunk index)."""
-    from pipeline.data.sources.shards import ArchiveTask
-
     if per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {per_shard}")
     return [ArchiveTask(i, f"{posixpath.basename(base)}[{i * per_shard}:{(i + 1) * per_shard}]", reader,

@@ -1,7 +1,7 @@
-"""Synthetic coloured shapes (pipeline/testing/synthetic.py) -> URL list, for the demo and tests.
+"""Synthetic coloured shapes (pipeline/data/shapes.py) -> URL list, for the demo and tests.
 
 The URL list points at a server that runs for the duration of the download step (`session`: the images are
-served from `images_dir` by pipeline.testing.synthetic.serve_folder on 127.0.0.1, port 0), and `base_url` is
+served from `images_dir` by pipeline.data.shapes.serve_folder on 127.0.0.1, port 0), and `base_url` is
 that server's URL. The images are written once (idempotent for the same parameters); the list is rewritten on
 every call, so a rerun after a restart points at the new port. download() fingerprints lists without their
 host, so a partial download resumes against the re-pointed list. Usage:
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.core import storage
 from pipeline.data.sources.urls import read_report
-from pipeline.testing.synthetic import serve_folder, write_synthetic_dataset
+from pipeline.data.shapes import serve_folder, write_synthetic_dataset
 
 OUTPUT = "urls"
 

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.core import storage
 from pipeline.core.images import to_signed
 
 COLOURS = {  # saturated and far apart, so a sample's dominant colour names its caption
@@ -165,8 +166,6 @@ class SyntheticDataset:
     def write_url_list(self, uri: str, base_url: str) -> str:
         """Write the rows as a Parquet URL list (url, caption) to a local path or s3:// URI, atomically."""
         import pyarrow as pa
-
-        from pipeline.core import storage
 
         rows = self.rows(base_url)
         table = pa.table({"url": pa.array([r["url"] for r in rows], pa.string()),

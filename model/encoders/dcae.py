@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from model.encoder_checks import check_latents, check_pixels
+from model.encoders.checks import check_latents, check_pixels
 
 DCAE_F32C32 = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
+HUB = ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers",)  # the E-MMDiT release's
 TINY = "tiny-dcae"
 TINY_SEED = 20241001
 # f = 2 ** (stages - 1) = 4; the scaling factor is the release's (DC-AE f32c32's config says 0.41407 too).
@@ -40,7 +41,6 @@ class DCAE:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, C, H/f, W/f) float32 x scaling factor; `generator` is ignored."""
-
         check_pixels(pixels, self.downsample)
         z = self.vae.encode(pixels.to(self.device, self.dtype)).latent  # (N, C, h, w)
         return (z * self.scaling_factor).float()
@@ -48,7 +48,6 @@ class DCAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, 3, f*h, f*w) float32 in [-1, 1]."""
-
         check_latents(latents, self.latent_channels)
         z = latents.to(self.device, self.dtype) / self.scaling_factor
         return self.vae.decode(z).sample.clamp(-1, 1).float()

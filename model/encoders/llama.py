@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 LLAMA_3_2_1B = "meta-llama/Llama-3.2-1B"
+HUB = ("meta-llama/Llama-3.2-1B",)  # the E-MMDiT release's
 TINY = "tiny-llama"
 TINY_SEED = 20251031
 TINY_TOKENS = 16

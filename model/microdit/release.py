@@ -25,7 +25,8 @@ import re
 
 import torch
 
-from pipeline.weights.release import ReleaseFormat, Variant
+from model.family import ReleaseFormat, Variant
+from model.positions import sincos_2d
 
 # (release, ours) key prefixes at the top level; longer first where one is a prefix of another.
 TOP = (
@@ -90,8 +91,6 @@ def ours_to_release(key: str) -> str:
 
 
 def _positions(cfg) -> torch.Tensor:
-    from model.positions import sincos_2d
-
     return sincos_2d(cfg.dim, cfg.grid_size, pos_interp_scale=cfg.pos_interp_scale).unsqueeze(0)  # (1, T, D)
 
 
@@ -99,19 +98,13 @@ def _mask_token(cfg) -> torch.Tensor:
     return torch.zeros(1, 1, cfg.patch_size ** 2 * cfg.in_channels)
 
 
-def _family():
-    from model import family as families
-
-    return families.get("microdit")
-
-
 SDXL_VAE = "stabilityai/stable-diffusion-xl-base-1.0"
 DFN5B = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 # 512 px: latent 64, positions at scale 2 (docs/RECIPE.md "Released weights"); EDM as the release's
 # LatentDiffusion (sigma_data 0.9; the 512-px stages' noise ln(sigma) ~ N(0.0, 0.6^2)); Heun 30 steps, CFG 5.
 _XL_512 = {"input_size": 64, "pos_interp_scale": 2.0}
-_EDM = {"kind": "edm", "sigma_data": 0.9, "p_mean": 0.0, "p_std": 0.6}
-_HEUN = {"kind": "heun", "steps": 30, "guidance": 5.0}
+_EDM = {"kind": "edm", "p_mean": 0.0, "p_std": 0.6}  # sigma_data: EDM's own (model/objectives/configs.py)
+_HEUN = {"kind": "heun", "steps": 30, "guidance": 5.0}  # the family's sampler defaults (family.py)
 
 VARIANTS = {v.name: v for v in (
     Variant("22M", "dit_4_channel_22M_real_only_data.pt", "MicroDiT_XL_2", {**_XL_512, "in_channels": 4},
@@ -128,16 +121,12 @@ VARIANTS = {v.name: v for v in (
             "490M synthetic images"),
 )}
 
-FORMAT = ReleaseFormat(
+RELEASE = ReleaseFormat(
     family="microdit",
     repo="VSehwag24/MicroDiT",
     variants=VARIANTS,
     to_ours=release_to_ours,
     to_release=ours_to_release,
-    config=lambda preset, overrides: _family().config(preset, **overrides),
-    build=lambda cfg: _family().build(cfg),
-    config_to_dict=lambda cfg: _family().config_to_dict(cfg),
-    config_from_dict=lambda d: _family().config_from_dict(d),
     buffers={"pos_embed": _positions, "mask_token": _mask_token},
     checked_buffers=("pos_embed",),
     signature="y_emb_preprocess.",

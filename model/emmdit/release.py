@@ -11,11 +11,11 @@ file carries them, are dropped on import.
 """
 from __future__ import annotations
 
-from pipeline.weights.release import ReleaseFormat, Variant
+from model.family import ReleaseFormat, Variant
 
 DC_AE = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
 LLAMA = "meta-llama/Llama-3.2-1B"
-_RF = {"kind": "rectified_flow", "logit_mean": 0.0, "logit_std": 1.0}
+_RF = {"kind": "rectified_flow"}  # the objective's own constants (model/objectives/configs.py)
 _ENC = {"vae": DC_AE, "text": LLAMA}
 
 VARIANTS = {v.name: v for v in (
@@ -28,22 +28,12 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
-def _family():
-    from model import family as families
-
-    return families.get("emmdit")
-
-
-FORMAT = ReleaseFormat(
+RELEASE = ReleaseFormat(
     family="emmdit",
     repo="amd/Nitro-E",
     variants=VARIANTS,
     to_ours=lambda key: key,
     to_release=lambda key: key,
-    config=lambda preset, overrides: _family().config(preset, **overrides),
-    build=lambda cfg: _family().build(cfg),
-    config_to_dict=lambda cfg: _family().config_to_dict(cfg),
-    config_from_dict=lambda d: _family().config_from_dict(d),
     dropped=("projectors.",),
     signature="block_groups.",
 )

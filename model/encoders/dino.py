@@ -22,27 +22,20 @@ ALIASES = {"dinov2-base": DINOV2_BASE}
 TINY = "tiny-dinov2"
 TINY_SEED = 20251101
 TINY_PATCH = 4  # small patches keep the tiny input at the tiny recipe's 64-px crops (no resize there)
+TINY_GRID, TINY_WIDTH = 16, 32  # 256 tokens x 32: EMMDiT_Debug's group-1 grid and REPA projector width
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BASE_IMAGE_SIZE = 224  # the processor's crop size for dinov2-base, used when a folder has no preprocessor config
 SPECS_HELP = f"'dinov2-base' ({DINOV2_BASE}), {TINY!r}, another Dinov2 hub id, or a local Dinov2 folder"
 
 
-def tiny_target() -> tuple[int, int]:
-    """(grid side, width) of EMMDiT_Debug's REPA target: its group-1 token grid and its projector's output."""
-    from model.emmdit.config import PRESETS
-
-    cfg = PRESETS["EMMDiT_Debug"]
-    return cfg.grid_size, cfg.repa_dim
-
-
 def tiny_config():
-    """Dinov2Config whose output is EMMDiT_Debug's REPA target: image size = grid side x patch size."""
+    """Dinov2Config of the tiny encoder: TINY_GRID x TINY_GRID patch tokens of width TINY_WIDTH (EMMDiT_Debug's
+    REPA target, tests/test_encoders_emmdit.py checks), image size = grid side x patch size."""
     from transformers import Dinov2Config
 
-    side, width = tiny_target()
-    return Dinov2Config(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                        patch_size=TINY_PATCH, image_size=side * TINY_PATCH)
+    return Dinov2Config(hidden_size=TINY_WIDTH, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                        patch_size=TINY_PATCH, image_size=TINY_GRID * TINY_PATCH)
 
 
 class DinoEncoder:
