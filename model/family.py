@@ -58,6 +58,22 @@ class SamplerDefaults:
 
 
 @dataclass(frozen=True)
+class Drawing:
+    """How a family draws as a diffusers pipeline (model/pipelines/): its classes as "module:attribute" (imported
+    when first drawn with) and its scheduler, made from the export's objective config."""
+
+    transformer: str  # the network as a diffusers ModelMixin (model/<family>/transformer.py)
+    pipeline: str  # its DiffusionPipeline (model/pipelines/<family>.py)
+    scheduler: Callable[[Any], Any]  # objective config -> a diffusers scheduler
+
+    def transformer_class(self) -> type:
+        return load_attribute(self.transformer)
+
+    def pipeline_class(self) -> type:
+        return load_attribute(self.pipeline)
+
+
+@dataclass(frozen=True)
 class Variant:
     """One released file: its network (preset + overrides), encoders, objective, sampler and published scores."""
 
@@ -87,6 +103,7 @@ class ReleaseFormat:
     checked_buffers: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()  # key prefixes of training-only tensors dropped on import
     signature: str = ""  # a key prefix only this family's release has (names the family of a foreign file)
+    license: str = "other"  # the release's licence as the Hub names it ("other": see the release's own terms)
 
     # The family's network, as the release's variants name it (preset + overrides).
     def config(self, preset: str, overrides: dict) -> Any:
@@ -118,6 +135,7 @@ class Family:
     latent: LatentSpec
     text: TextSpec
     sampler: SamplerDefaults
+    drawing: Drawing
     release: ReleaseFormat | None = None  # its public checkpoints (model/<family>/release.py), if any
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -175,9 +193,14 @@ def _check_type(key: str, value: Any, default: Any) -> None:
         raise ValueError(f"{key} = {value!r}: expected a {type(default).__name__} like the preset's {default!r}")
 
 
+def load_attribute(spec: str) -> Any:
+    """The attribute a "module:attribute" spec names (imported on demand)."""
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def get(name: str) -> Family:
     """The family called `name`; ValueError naming the known ones otherwise."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model family {name!r}; expected one of {sorted(REGISTRY)}")
-    module, attr = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return load_attribute(REGISTRY[name])

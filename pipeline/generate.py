@@ -1,16 +1,13 @@
 """Text-to-image generation from a stage's exported weights: per-image PNGs with their provenance, and a grid.
 
-Weights come from `{root}/train/{stage}/export/` (model.safetensors or ema.safetensors beside config.json).
-Each image i of a prompt list gets its own noise seed `seed + i`, so images do not depend on the batch size.
-The export's config.json names the family, the objective (with its constants, e.g. EDM's sigma_data), the
-encoders and the sampler defaults; sampling uses exactly those (for MicroDiT: EDM Heun with classifier-free
-guidance, cond and uncond in one batched forward, the ODE state in float64). The network runs in bf16 on GPU
-and fp32 on CPU.
+Drawing goes through the family's diffusers pipeline (model/pipelines/), built from the export alone
+(pipeline/export/loading.py): the network, the scheduler its objective implies, the encoders it records, its
+sampler defaults and text mode. Each image i of a prompt list gets its own noise seed `seed + i` (a CPU generator
+per image), so images do not depend on the batch size or the device. The network runs in bf16 on GPU and fp32 on
+CPU.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -22,22 +19,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from model import family as families
-from model.encoders import load_text_encoder, load_vae, unconditional_caption
-from model.family import DEFAULT as DEFAULT_FAMILY
-from model.objectives.configs import config_from_dict as objective_config
-from model.objectives.objective import build as build_objective
-from model.samplers.heun import make_noise
 from pipeline.core import storage
 from pipeline.core.plan import GenerateConfig
 from pipeline.core.progress import Reporter, Sink
+from pipeline.export.export_folder import Export, open_export
+from pipeline.export.loading import load_pipeline
 
-WEIGHTS = {False: "model.safetensors", True: "ema.safetensors"}
-CONFIG_NAME = "config.json"
 MANIFEST = "generate.json"  # written last: its presence (with matching inputs) means the output is complete
-# Prefixes that wrappers add to state_dict keys (torch.compile, DDP); the tensors themselves are the same.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How close the export's stored empty-prompt states must be to what its text encoder gives now (fp16 storage).
+UNCONDITIONAL_ATOL = 2e-2
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -56,201 +46,71 @@ def read_prompts(prompts: str | Sequence[str]) -> list[str]:
     return out
 
 
-# Exports written before the family interface recorded neither family nor objective: they are MicroDiT + EDM.
-LEGACY_EXPORT = {"family": DEFAULT_FAMILY, "objective": {"kind": "edm"}}  # EDM's own constants (configs.py)
+def check_unconditional(export: Export, pipe) -> str:
+    """The unconditional caption guidance will use, checked against the export: the empty prompt's states as the
+    pipeline's text encoder computes them must match the ones training stored (`unconditional`), else the text
+    encoder or its mode is not the one the model trained with. -> where the unconditional caption comes from."""
+    from safetensors.numpy import load
+
+    name = export.config.get("unconditional")
+    if not getattr(pipe, "text_encoder", None) or not hasattr(pipe.config, "text_mode"):
+        return "zeros"
+    source = f"the empty prompt ({pipe.config.text_mode} text mode)"
+    if not name:
+        return source
+    uri = storage.join(export.folder, name)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{export.folder!r} names the unconditional caption {name!r}, but {uri!r} does not "
+                                "exist")
+    stored = torch.from_numpy(load(storage.read_bytes(uri))["unconditional"]).float()
+    now = pipe.encode_prompt([""])[0].cpu()
+    if tuple(stored.shape) != tuple(now.shape) or not torch.allclose(stored, now, atol=UNCONDITIONAL_ATOL):
+        diff = "shape " + str(tuple(stored.shape)) if tuple(stored.shape) != tuple(now.shape) \
+            else f"max difference {float((stored - now).abs().max()):.3g}"
+        raise ValueError(f"{uri!r}: the unconditional caption the model trained with differs from the empty prompt "
+                         f"as its text encoder now computes it in {pipe.config.text_mode!r} mode ({diff}); the text "
+                         "encoder or its text mode is not the one the model was trained with")
+    return source
 
 
-def read_export(config_uri: str) -> dict:
-    """An export's config.json: family, model, objective, encoders, sampler (ValueError if it is not one)."""
-    export = storage.read_json(config_uri)
-    if not isinstance(export, dict) or "model" not in export:
-        raise ValueError(f"{config_uri!r} has no 'model' section; expected an export config "
-                         "{'family', 'model', 'objective', 'encoders', 'sampler', ...}")
-    if "family" not in export:
-        export = {**LEGACY_EXPORT, **export}
-    return export
-
-
-def resolve_weights(weights_uri: str, use_ema: bool) -> tuple[str, str]:
-    """(safetensors URI, config.json URI): `weights_uri` is an export folder or a .safetensors file in one."""
-    uri = str(weights_uri).rstrip("/")
-    if uri.endswith(".safetensors"):
-        weights = uri
-        folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    else:
-        folder = uri
-        weights = storage.join(folder, WEIGHTS[use_ema])
-    config = storage.join(folder, CONFIG_NAME)
-    if not storage.exists(weights):
-        raise FileNotFoundError(f"weights {weights!r} do not exist; expected an export folder holding "
-                                f"{WEIGHTS[use_ema]} (use_ema={use_ema}) or a .safetensors file")
-    if not storage.exists(config):
-        raise FileNotFoundError(f"model config {config!r} does not exist; expected it beside the weights")
-    return weights, config
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load; missing, unexpected or mis-shaped keys -> ValueError naming them and `source`.
-
-    Persistent buffers missing from `state` keep the built model's values: they are deterministic tables
-    (E-MMDiT's sin-cos positions) that an EMA export does not hold."""
-    expected = model.state_dict()
-    params = {n for n, _ in model.named_parameters()}
-    state = {**{k: v for k, v in expected.items() if k not in params and k not in state}, **state}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shapes = sorted(f"{k}: weights {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
-                    for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        def few(items):
-            return f"{items[:8]}{' ...' if len(items) > 8 else ''} ({len(items)})"
-        raise ValueError(f"weights {source!r} do not match the model config beside them: "
-                         f"missing keys {few(missing)}, unexpected keys {few(unexpected)}, "
-                         f"shape mismatches {few(shapes)}")
-    model.load_state_dict(state, strict=True)
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; any other name as given."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
-def _device_dtype(cfg: GenerateConfig) -> tuple[torch.device, torch.dtype]:
-    device = resolve_device(cfg.device)
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = DTYPES[cfg.dtype]
-    return device, dtype
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) floats in [0, 1] -> uint8."""
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 class Generator:
-    """A loaded network + VAE + text encoder that turns prompts into uint8 images, seed = base seed + index."""
+    """An export's pipeline turning prompts into uint8 images, seed = base seed + index."""
 
     def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
                  text_spec: str | None = None):
-        from safetensors.torch import load as load_safetensors
-
         self.cfg = cfg
-        self.weights_uri, config_uri = resolve_weights(weights_uri, cfg.use_ema)
-        export = read_export(config_uri)
-        self.family = families.get(export["family"])
-        self.objective_spec = export["objective"]
-        self.objective = build_objective(objective_config(export["objective"]))
-        sampler = export.get("sampler") or dataclasses.asdict(self.family.sampler)
-        self.steps = cfg.steps if cfg.steps is not None else sampler["steps"]
-        self.guidance = cfg.guidance if cfg.guidance is not None else sampler["guidance"]
-        encoders = export.get("encoders") or {}
-        self.vae_spec = vae_spec or encoders.get("vae")
-        self.text_spec = text_spec or encoders.get("text")
-        for name, spec in (("vae_spec", self.vae_spec), ("text_spec", self.text_spec)):
-            if not spec:
-                raise ValueError(f"{name} not given and {config_uri!r} records no encoders; pass it explicitly")
-        self.device, self.dtype = _device_dtype(cfg)
-        try:
-            model_cfg = self.family.config_from_dict(export["model"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{config_uri}: model: {e}") from None
-        # Encoders in bf16 on GPU (the SDXL VAE overflows in fp16), fp32 on CPU.
-        enc_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
-        self.vae = load_vae(self.vae_spec, device=self.device, dtype=enc_dtype)
-        self.text = load_text_encoder(self.text_spec, device=self.device, dtype=enc_dtype,
-                                      tokens=model_cfg.caption_len)
-        self.unconditional_source = self._bind_unconditional(export, config_uri)
-        if model_cfg.caption_dim != self.text.width:
-            raise ValueError(f"text encoder {self.text_spec!r} has width {self.text.width} but the model expects "
-                             f"caption_dim={model_cfg.caption_dim}")
-        if model_cfg.in_channels != self.vae.latent_channels:
-            raise ValueError(f"VAE {self.vae_spec!r} has {self.vae.latent_channels} latent channels but the model "
-                             f"expects in_channels={model_cfg.in_channels}")
-        f = self.vae.downsample
-        self.resolution = cfg.resolution or model_cfg.input_size * f
-        if self.resolution % (f * model_cfg.patch_size):
-            raise ValueError(f"resolution={self.resolution} is not a multiple of VAE downsample {f} x patch "
-                             f"{model_cfg.patch_size}")
-        latent = self.resolution // f
-        if latent != model_cfg.input_size:
-            # Positions are a rebuilt buffer: other sizes load strictly; interpolation scales with the grid.
-            scale = {f.name for f in dataclasses.fields(model_cfg)} & {"pos_interp_scale"}
-            model_cfg = dataclasses.replace(  # families without the field derive their scale from input_size
-                model_cfg, input_size=latent,
-                **{k: model_cfg.pos_interp_scale * latent / model_cfg.input_size for k in scale})
-        self.model_cfg = model_cfg
-
-        raw = storage.read_bytes(self.weights_uri)
-        self.weights_sha256 = hashlib.sha256(raw).hexdigest()
-        try:
-            state = load_safetensors(raw)
-        except Exception as e:  # safetensors raises its own error type for a damaged or foreign file
-            raise ValueError(f"weights {self.weights_uri!r} are not a readable safetensors file: {e}") from e
-        model = self.family.build(model_cfg)
-        load_state(model, _strip_wrappers(state), self.weights_uri)
-        # fp32 weights; bf16 compute via autocast as in training (LayerNorm and softmax stay fp32).
-        self.model = model.to(device=self.device).eval().requires_grad_(False)
-        self.step = export.get("step")
-
-    def _bind_unconditional(self, export: dict, config_uri: str) -> str:
-        """Give the objective its unconditional caption: the export's stored one (the empty prompt's embedding
-        the network trained with), else the text encoder's own (zeros for open_clip towers). -> where it came from."""
-        from safetensors.numpy import load
-
-        name = export.get("unconditional")
-        if name:
-            uri = storage.join(config_uri.rsplit("/", 1)[0] if "/" in config_uri else ".", name)
-            if not storage.exists(uri):
-                raise FileNotFoundError(f"{config_uri!r} names the unconditional caption {name!r}, but {uri!r} "
-                                        "does not exist")
-            uncond = torch.from_numpy(load(storage.read_bytes(uri))["unconditional"])
-            if tuple(uncond.shape) != (self.text.context_length, self.text.width):
-                raise ValueError(f"{uri!r} holds a {tuple(uncond.shape)} unconditional caption; the text encoder "
-                                 f"{self.text_spec!r} gives ({self.text.context_length}, {self.text.width})")
-            self.objective = self.objective.bind(unconditional=uncond)
-            return uri
-        if self.objective.kind != "edm":
-            self.objective = self.objective.bind(unconditional=unconditional_caption(self.text))
-            return "text encoder"
-        return "zeros"
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        s = self.resolution // self.vae.downsample
-        return (self.model_cfg.in_channels, s, s)
+        self.export = open_export(weights_uri, cfg.use_ema)
+        self.weights_uri = self.export.weights
+        self.pipe = load_pipeline(self.export, cfg.device, cfg.dtype, cfg.resolution, vae_spec, text_spec)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.vae_spec = vae_spec or self.export.encoders.get("vae")
+        self.text_spec = text_spec or self.export.encoders.get("text")
+        self.unconditional_source = check_unconditional(self.export, self.pipe)
+        self.steps = cfg.steps if cfg.steps is not None else self.pipe.config.num_inference_steps
+        self.guidance = cfg.guidance if cfg.guidance is not None else self.pipe.config.guidance_scale
+        side = self.pipe.transformer.cfg.input_size
+        self.resolution = side * self.pipe.vae_scale_factor
+        self.dtype = next(self.pipe.transformer.parameters()).dtype
+        self.weights_sha256 = storage.sha256(self.weights_uri)
+        self.step = self.export.step
 
     def seeds(self, start: int, n: int) -> list[int]:
         return [self.cfg.seed + start + i for i in range(n)]
 
-    @torch.no_grad()
     def sample(self, prompts: Sequence[str], start: int = 0, seeds: Sequence[int] | None = None) -> np.ndarray:
         """(N, H, W, 3) uint8 images for prompts[i] with seed base + start + i, or seeds[i] (one batch)."""
         seeds = list(seeds) if seeds is not None else self.seeds(start, len(prompts))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        # Noise per image on the CPU generator: the same picture whatever the batch or device.
-        noise = torch.cat([make_noise((1, *self.latent_shape), s) for s in seeds])  # (N, C, h, w)
-        caption = self.text.encode(list(prompts)).to(self.device, torch.float32)  # (N, 77, width)
-        # guidance 1 is the conditional model itself: skip the unconditional branch.
-        guidance = None if self.guidance == 1.0 else self.guidance
-        # The ODE state is not autocast; only the network's matmuls run in self.dtype.
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            latents = self.objective.sample(self.model, noise.to(self.device), caption, steps=self.steps,
-                                            guidance=guidance)  # (N, C, h, w)
-        return to_uint8(self.vae.decode(latents))
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        images = self.pipe(list(prompts), num_inference_steps=self.steps, guidance_scale=self.guidance,
+                           generator=generators, output_type="np").images
+        return to_uint8(images)
 
     def batches(self, prompts: Sequence[str], start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """(index of the first image, images) per batch of cfg.batch_size."""
@@ -266,9 +126,10 @@ class Generator:
         return {"steps": str(self.steps), "guidance": str(self.guidance), "weights": self.weights_uri,
                 "weights_sha256": self.weights_sha256, "use_ema": str(self.cfg.use_ema),
                 "resolution": str(self.resolution), "dtype": str(self.dtype).replace("torch.", ""),
-                "vae": self.vae_spec, "text_encoder": self.text_spec, "family": self.family.name,
+                "vae": self.vae_spec, "text_encoder": self.text_spec, "family": self.export.family.name,
+                "pipeline": type(self.pipe).__name__, "scheduler": type(self.pipe.scheduler).__name__,
                 "unconditional": self.unconditional_source,
-                "objective": json.dumps(self.objective_spec, sort_keys=True)}
+                "objective": json.dumps(self.export.config["objective"], sort_keys=True)}
 
 
 # ------------------------------------------------------------------------------------------ output

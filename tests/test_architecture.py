@@ -105,7 +105,7 @@ def test_model_is_a_package_per_family_plus_shared_ones():
 
     root = ROOT / "model"
     packages = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
-    assert packages == set(REGISTRY) | {"objectives", "samplers", "encoders"}
+    assert packages == set(REGISTRY) | {"objectives", "samplers", "encoders", "pipelines"}
     assert {p.stem for p in root.glob("*.py")} == {"__init__", "family", "ema", "positions"}
 
 

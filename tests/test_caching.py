@@ -1,7 +1,6 @@
 """Cache keys from the code itself: each step's import closure, and the keys of the steps upstream of it."""
 from __future__ import annotations
 
-import ast
 import re
 import shutil
 import textwrap
@@ -145,7 +144,7 @@ def test_runs_asking_at_once_parse_one_at_a_time(tree: Path, monkeypatch):
     keeps interpreter-wide state (python/cpython#106905), so parses never overlap, the tree is parsed once for
     its code state, and every caller gets the same versions."""
     inside, most, calls, guard = 0, 0, 0, threading.Lock()
-    real = ast.parse
+    real = caching._parse  # ours only: threads of other libraries in this worker parse too
 
     def parse(*args, **kwargs):
         nonlocal inside, most, calls
@@ -159,7 +158,7 @@ def test_runs_asking_at_once_parse_one_at_a_time(tree: Path, monkeypatch):
             with guard:
                 inside -= 1
 
-    monkeypatch.setattr(caching.ast, "parse", parse)
+    monkeypatch.setattr(caching, "_parse", parse)
     results: list[dict] = []
     threads = [threading.Thread(target=lambda: results.append(code_versions(tree))) for _ in range(4)]
     for t in threads:

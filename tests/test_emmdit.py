@@ -201,7 +201,7 @@ def test_positions_follow_the_release_table_and_reinforcement(model, inputs):
     torch.testing.assert_close(table512, table1024)  # one table serves both resolutions
     crop = table512.view(96, 96, 768)[40:56, 40:56].reshape(256, 768)
     pe = pe.to_empty(device="cpu")
-    pe.pos_embed.copy_(pe.table())
+    pe.pos_embed.copy_(pe.table("cpu"))
     torch.testing.assert_close(pe.positions()[0], crop)
     # Position Reinforcement: the reconstructed tokens get the table added again before group 3.
     seen = []

@@ -120,20 +120,6 @@ def test_repa_needs_features_and_adds_the_weighted_term():
     assert abs(float((with_repa - plain).detach())) <= 0.5 + 1e-5  # |cosine| <= 1
 
 
-def test_sample_runs_euler_with_cfg_and_needs_uncond():
-    cfg, net, x, cap = _net_and_batch(n=2)
-    net.eval()
-    obj = spec()
-    with pytest.raises(ValueError, match="unconditional"):
-        obj.sample(net, x, cap, steps=2, guidance=4.5)
-    uncond = torch.zeros(cfg.caption_len, cfg.caption_dim)
-    a = obj.sample(net, x, cap, steps=2, guidance=4.5, unconditional=uncond)
-    b = obj.bind(unconditional=uncond).sample(net, x, cap, steps=2, guidance=4.5)
-    assert a.shape == x.shape and a.dtype == torch.float32 and torch.equal(a, b)
-    c = obj.sample(net, x, cap, steps=2, guidance=None)
-    assert not torch.equal(a, c)
-
-
 def test_edm_keeps_its_interface():
     edm = objectives.build(objective_configs.config_from_dict({"kind": "edm"}))
     assert edm.bind(unconditional=torch.zeros(3, 4)) is edm

@@ -33,17 +33,20 @@ def test_tiny_dcae_loads_from_a_folder_and_encodes_deterministically(dcae_folder
         vae.encode(torch.zeros(1, 3, 30, 30))
 
 
-def test_tiny_llama_pads_with_eos_and_stores_compactly(llama_folder):
-    enc = load_text_encoder(llama_folder)
+def test_tiny_llama_in_compact_mode_pads_with_one_row(llama_folder):
+    from model.pipelines.emmdit import compact_ids
+
+    enc = load_text_encoder(llama_folder, mode="compact")
     assert isinstance(enc, encoders_llama.LlamaTextEncoder)
     assert (enc.context_length, enc.width) == (16, 64)
     caps = ["a large red circle on a white background, center", "", "blue " * 30]
-    ids, lengths = enc.tokenize(caps)
+    ids, lengths = compact_ids(enc.tokenizer, caps, 16)
+    bos, eos = enc.tokenizer.bos_token_id, enc.tokenizer.eos_token_id
     assert ids.shape == (3, 16) and lengths.tolist() == [11, 1, 16]
-    assert ids[0, 0] == enc.bos_id and (ids[0, 11:] == enc.eos_id).all() and (ids[1, 1:] == enc.eos_id).all()
+    assert ids[0, 0] == bos and (ids[0, 11:] == eos).all() and (ids[1, 1:] == eos).all()
     assert enc.count_tokens(caps) == [11, 1, 31]
     states, n = enc.encode_with_lengths(caps)
-    assert states.shape == (3, 16, 64) and states.dtype == torch.float32
+    assert states.shape == (3, 16, 64) and states.dtype == torch.float32 and n.tolist() == [11, 1, 16]
     # pad rows are one vector; real rows do not depend on the pads (causal), nor on the batch
     assert torch.equal(states[0, 11:], enc.pad_state.expand(5, 64))
     alone = enc.encode(caps[:1])
@@ -52,9 +55,24 @@ def test_tiny_llama_pads_with_eos_and_stores_compactly(llama_folder):
     uncond = unconditional_caption(enc)
     assert torch.equal(uncond, states[1]) and not torch.equal(uncond[0], uncond[1])
     # configurable length; the in-memory spec holds the same weights and vocabulary as the saved folder
-    long = load_text_encoder("tiny-llama", tokens=32)
+    long = load_text_encoder("tiny-llama", tokens=32, mode="compact")
     assert long.context_length == 32
     assert torch.allclose(long.encode(caps[:1])[:, :16], alone, atol=1e-6)
+
+
+def test_tiny_llama_in_release_mode_masks_and_keeps_every_row(llama_folder):
+    enc = load_text_encoder(llama_folder)  # the release's mode is the default
+    assert enc.mode == "release"
+    caps = ["A Large RED circle", "a large red circle", "a dog"]
+    states, n = enc.encode_with_lengths(caps)
+    assert n.tolist() == [5, 5, 3]  # BOS + words; the release lower-cases (and cleans) first
+    assert torch.equal(states[0], states[1])
+    assert not torch.allclose(states[1, -1], states[2, -1])  # pad rows see their caption through the mask
+    assert torch.equal(unconditional_caption(enc), enc.encode([""])[0])
+    with pytest.raises(ValueError, match="compact mode only"):
+        enc.pad_state
+    with pytest.raises(ValueError, match="text mode 'compact' is for Llama"):
+        load_text_encoder("tiny", mode="compact")
 
 
 def test_open_clip_keeps_its_fixed_length_and_zero_uncond():

@@ -177,8 +177,8 @@ def test_microdit_release_imports_round_trips_and_samples(tmp_path):
 def test_emmdit_release_imports_round_trips_and_samples(tmp_path):
     from safetensors.torch import load_file
 
+    from model import family as families
     from model.objectives.configs import config_from_dict
-    from model.objectives.objective import build
 
     path, release = release_file(tmp_path, EMMDIT, EDEBUG)
     release["projectors.0.0.weight"] = torch.ones(2, 2)  # a training-only REPA head, dropped on import
@@ -195,7 +195,11 @@ def test_emmdit_release_imports_round_trips_and_samples(tmp_path):
     net.load_state_dict(load_file(os.path.join(out, "model.safetensors")), strict=True)
     noise = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=torch.Generator().manual_seed(0))
     caption = torch.randn(2, cfg.caption_len, cfg.caption_dim, generator=torch.Generator().manual_seed(1))
-    latents = build(config_from_dict(config["objective"])).sample(net.eval(), noise, caption, steps=2, guidance=None)
+    drawing = families.get("emmdit").drawing  # the family's pipeline without encoders: caption states in
+    pipe = drawing.pipeline_class()(transformer=net.eval(), scheduler=drawing.scheduler(config_from_dict(config["objective"])))
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(prompt_embeds=caption, latents=noise, num_inference_steps=2, guidance_scale=1.0,
+                   output_type="latent").images
     assert latents.shape == noise.shape and torch.isfinite(latents).all() and not torch.equal(latents, noise)
 
 

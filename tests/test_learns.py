@@ -8,7 +8,8 @@ from model.microdit.config import model_config
 from model.objectives.edm import EDMConfig, edm_loss
 from model.microdit.network import MicroDiT
 from pipeline.train.optim import build_optimizer, cosine_schedule
-from model.samplers.heun import HeunSampler, make_noise
+from model.pipelines.microdit import MicroDiTPipeline
+from model.samplers.edm_heun import EDMHeunScheduler
 
 PAIRS, BATCH, STEPS, EVAL_REPEATS = 4, 8, 250, 8
 
@@ -50,8 +51,10 @@ def test_debug_model_memorises_pairs_and_samples_them():
     assert end * 5 <= start, f"eval loss fell only from {start:.3f} to {end:.3f}"
 
     net.eval()
-    samples = HeunSampler(steps=8).sample(net, make_noise(latents.shape, seed=0), captions, guidance=1.0,
-                                         sigma_data=edm.sigma_data)
+    pipe = MicroDiTPipeline(transformer=net, scheduler=EDMHeunScheduler(sigma_data=edm.sigma_data))
+    pipe.set_progress_bar_config(disable=True)
+    samples = pipe(prompt_embeds=captions, latents=torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)),
+                   num_inference_steps=8, guidance_scale=1.0, output_type="latent").images
     dist = ((samples[:, None] - latents[None]) ** 2).mean(dim=(2, 3, 4))  # (sample, target)
     own = dist.diagonal()
     others = dist.masked_fill(torch.eye(PAIRS, dtype=torch.bool), float("inf")).min(dim=1).values

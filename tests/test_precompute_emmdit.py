@@ -1,4 +1,5 @@
-"""E-MMDiT precompute: DC-AE latents (deterministic), compact Llama caption states, the unconditional file."""
+"""E-MMDiT precompute: DC-AE latents (deterministic), Llama caption states in both text modes, the unconditional
+file."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,38 +18,76 @@ EMMDIT_TINY = dict(resolutions=[32], vae="tiny-dcae", text_encoder="tiny-llama",
                    min_side=32)
 
 
-@pytest.fixture(scope="module")
-def part(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("emmdit_pre")
+def _precompute(tmp, mode: str):
     members = []
     for i, cap in enumerate(CAPTIONS):
         members += sample(f"{i:05d}", _encode(picture(48, 40, seed=i), "JPEG", quality=90), cap.encode())
     tar = tmp / "00000.tar"
     write_tar(tar, members)
     out = tmp / "latents"
-    precompute_locally({"00000": str(tar)}, str(out), PrecomputeConfig(**EMMDIT_TINY), "src")
+    precompute_locally({"00000": str(tar)}, str(out), PrecomputeConfig(**EMMDIT_TINY, text_mode=mode), "src")
     return out, pq.read_table(str(out / "part-00000.parquet"))
 
 
-def test_compact_states_repad_to_the_encoders_full_states(part):
+@pytest.fixture(scope="module")
+def part(tmp_path_factory):
+    """The release's text mode (the default): every row of every caption stored."""
+    return _precompute(tmp_path_factory.mktemp("emmdit_pre"), "release")
+
+
+@pytest.fixture(scope="module")
+def compact_part(tmp_path_factory):
+    return _precompute(tmp_path_factory.mktemp("emmdit_pre_compact"), "compact")
+
+
+def test_release_mode_stores_the_release_states_of_every_row(part):
+    from model.pipelines.emmdit import encode_llama
+
     out, table = part
     field = table.schema.field(schema.CAPTION_STATES)
-    assert schema.is_compact(field) and schema.field_shape(field) == (16, 64)
+    assert not schema.is_compact(field) and schema.field_shape(field) == (16, 64)
     enc = load_text_encoder("tiny-llama")
+    captions = table.column("caption").to_pylist()
+    # the release's procedure: cleaned captions, masked Llama, all rows (model/pipelines/emmdit.py)
+    want = encode_llama(enc.tokenizer, enc.model, captions, 16, "release", clean_caption=True)[0]
+    got = schema.read_tensor(table, schema.CAPTION_STATES, dtype=np.float16)
+    assert np.array_equal(got, want.numpy().astype(np.float16))
+    pads = [r for r, n in zip(got, encode_llama(enc.tokenizer, enc.model, captions, 16)[1]) if n < 16]
+    assert len({p[-1].tobytes() for p in pads}) > 1  # pad rows depend on the caption, as the release's do
+    uncond = schema.read_unconditional(str(out))
+    assert np.allclose(uncond, enc.unconditional().numpy()) and schema.stored_text_mode(str(out)) == "release"
+    assert table.column("caption_truncated").to_pylist() == [len(c.split()) + 1 > 16 for c in captions]
+
+
+def test_compact_states_repad_to_the_encoders_full_states(compact_part):
+    from model.pipelines.emmdit import compact_ids
+
+    out, table = compact_part
+    field = table.schema.field(schema.CAPTION_STATES)
+    assert schema.is_compact(field) and schema.field_shape(field) == (16, 64)
+    enc = load_text_encoder("tiny-llama", mode="compact")
     captions = table.column("caption").to_pylist()
     full = enc.encode(captions).numpy().astype(np.float16)  # (N, 16, 64)
     got = schema.read_tensor(table, schema.CAPTION_STATES, dtype=np.float16)
     assert got.shape == full.shape and np.array_equal(got, full)
     lengths = schema.compact_lengths(table.column(schema.CAPTION_STATES).combine_chunks(), field)
-    assert sorted(lengths.tolist()) == sorted(enc.tokenize(captions)[1].tolist())
+    assert sorted(lengths.tolist()) == sorted(compact_ids(enc.tokenizer, captions, 16)[1].tolist())
     assert table.column("caption_truncated").to_pylist() == [len(c.split()) + 1 > 16 for c in captions]
+    assert schema.stored_text_mode(str(out)) == "compact"
+    assert np.allclose(schema.read_unconditional(str(out)), enc.unconditional().numpy())
+
+
+def test_text_mode_is_part_of_a_llama_fingerprint_only():
+    from pipeline.data.precompute import content_fingerprint
+
+    cfg = PrecomputeConfig(**EMMDIT_TINY)
+    assert content_fingerprint(cfg, "src")["text_mode"] == "release"
+    assert content_fingerprint(cfg.model_copy(update={"text_mode": "compact"}), "src")["text_mode"] == "compact"
+    assert "text_mode" not in content_fingerprint(cfg.model_copy(update={"text_encoder": "tiny"}), "src")
 
 
 def test_unconditional_file_and_latents(part):
     out, table = part
-    uncond = schema.read_unconditional(str(out))
-    enc = load_text_encoder("tiny-llama")
-    assert uncond.shape == (16, 64) and np.allclose(uncond, enc.unconditional().numpy())
     assert schema.read_unconditional(str(out / "missing")) is None
     lat = schema.read_tensor(table, "latents_32")  # (N, 4, 8, 8), deterministic DC-AE encode x scaling
     assert lat.shape == (len(CAPTIONS), 4, 8, 8)

@@ -1,4 +1,4 @@
-"""Rectified-flow objective, REPA loss, caption dropout and the flow-matching Euler sampler; E-MMDiT learns."""
+"""Rectified-flow objective, REPA loss and caption dropout; E-MMDiT learns (its sampler: tests/test_sampler.py)."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,6 @@ from torch import nn
 from model.emmdit.config import model_config
 from model.emmdit.network import EMMDiT
 from model.objectives.rectified_flow import (RectifiedFlowConfig, drop_captions, repa_loss, rf_loss, sample_t)
-from model.samplers.euler import EulerSampler, flow_times, guided_velocity, make_noise
 
 
 class Affine(nn.Module):
@@ -91,63 +90,6 @@ def test_drop_captions_uses_the_empty_prompt_embedding():
         drop_captions(caption, 0.1, uncond=torch.randn(5, 3))
     with pytest.raises(ValueError, match="must be in \\[0, 1\\], got 1.5"):
         drop_captions(caption, 1.5)
-
-
-def test_flow_times_match_the_release_scheduler():
-    times = flow_times(20, 1e-3)
-    assert times.dtype == torch.float64 and times.shape == (21,)
-    assert times[0] == 1.0 and times[-1] == 0.0
-    torch.testing.assert_close(times[:-1], torch.linspace(1.0, 1e-3, 20, dtype=torch.float64))
-    assert torch.equal(flow_times(4, t_min=0.0)[-2:], torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-        flow_times(0, 1e-3)
-
-
-def _straight_to(target):
-    """Exact velocity of x_t = (1 - t) target + t eps: v = (x - target) / t, per-sample target (N, C, H, W)."""
-    return lambda x, t, caption: (x - target.to(x)) / t.view(-1, 1, 1, 1)
-
-
-@pytest.mark.parametrize("steps", [1, 4, 20])
-def test_euler_integrates_a_straight_flow_exactly(steps):
-    target = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    noise = make_noise((3, 2, 4, 4), seed=0)
-    out = EulerSampler(steps).sample(_straight_to(target), noise, torch.zeros(3, 5, 6), guidance=None)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, target.float(), rtol=0, atol=1e-6)
-
-
-def test_euler_guidance_batches_cond_and_uncond():
-    cond_target, uncond_target = 1.0, -0.5
-
-    def velocity(x, t, caption):  # caption row mean selects the endpoint: 1 = cond, 0 = uncond
-        target = caption.mean(dim=(1, 2)).view(-1, 1, 1, 1) * (cond_target - uncond_target) + uncond_target
-        assert x.shape[0] == 4  # both branches in one batch
-        return (x - target) / t.view(-1, 1, 1, 1)
-
-    noise = make_noise((2, 1, 2, 2), seed=1)
-    caption, uncond = torch.ones(2, 3, 2), torch.zeros(3, 2)
-    out = EulerSampler(8).sample(velocity, noise, caption, guidance=4.5, uncond=uncond)
-    expect = uncond_target + 4.5 * (cond_target - uncond_target)  # guided flows end at u + g (c - u)
-    torch.testing.assert_close(out, torch.full_like(out, expect), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="needs the unconditional caption"):
-        EulerSampler(2).sample(velocity, noise, caption, guidance=4.5)
-    with pytest.raises(ValueError, match=r"uncond shape \(3, 3\)"):
-        EulerSampler(2).sample(velocity, noise, caption, guidance=4.5, uncond=torch.zeros(3, 3))
-
-
-def test_euler_with_a_network_is_seeded_and_float32():
-    cfg = model_config("EMMDiT_Debug", groups=(1, 1, 1))
-    torch.manual_seed(0)
-    net = EMMDiT(cfg).eval()
-    caption, uncond = torch.randn(2, cfg.caption_len, cfg.caption_dim), torch.zeros(cfg.caption_len, cfg.caption_dim)
-    shape = (2, cfg.in_channels, cfg.input_size, cfg.input_size)
-    sampler = EulerSampler(2)
-    a = sampler.sample(net, make_noise(shape, seed=0), caption, guidance=2.0, uncond=uncond)
-    b = sampler.sample(net, make_noise(shape, seed=0), caption, guidance=2.0, uncond=uncond)
-    assert a.dtype == torch.float32 and a.shape == shape and torch.equal(a, b)
-    step = sampler.step(guided_velocity(net, None), 0, make_noise(shape, 0).double(), caption)
-    assert step.prev_sample.dtype == torch.float64 and step.denoised.shape == shape
 
 
 def test_emmdit_learns_four_pairs():

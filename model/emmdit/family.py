@@ -8,7 +8,7 @@ from torch import nn
 from model.emmdit.config import PRESETS, EMMDiTConfig, flops_per_sample
 from model.emmdit.network import EMMDiT
 from model.emmdit.release import RELEASE
-from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
+from model.family import Drawing, Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
 from model.objectives.configs import RectifiedFlowConfig
 
 DCAE = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
@@ -43,6 +43,13 @@ def training_flops(cfg: EMMDiTConfig, objective: RectifiedFlowConfig) -> float:
     return flops_per_sample(cfg)
 
 
+def scheduler(objective: RectifiedFlowConfig):
+    """The release's sampler: diffusers' flow-matching Euler over 1000 training timesteps, shift 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+
+
 FAMILY = Family(
     name="emmdit",
     title="E-MMDiT",
@@ -58,6 +65,8 @@ FAMILY = Family(
     text=TextSpec(encoder=LLAMA, tokens=128, width=2048, padding="eos (right, to 128 tokens; no attention mask)",
                   unconditional="empty_prompt"),
     sampler=SamplerDefaults(kind="euler", steps=20, guidance=4.5),
+    drawing=Drawing(transformer="model.emmdit.transformer:EMMDiTTransformer2DModel",
+                    pipeline="model.pipelines.emmdit:EMMDiTPipeline", scheduler=scheduler),
     release=RELEASE,
     notes={"paper": "arXiv 2510.27135", "release": "amd/Nitro-E"},
 )

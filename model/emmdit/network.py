@@ -21,13 +21,14 @@ class PatchEmbed(nn.Module):
         self.cfg = cfg
         self.proj = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         # Persistent as in the release's state dict; identical at 512 and 1024 px (arange(M) / 6 both times).
-        self.register_buffer("pos_embed", self.table(), persistent=True)  # (1, M*M, D)
+        # On the default device (not the parameters'): a build with meta parameters still gets a real table.
+        self.register_buffer("pos_embed", self.table(None), persistent=True)  # (1, M*M, D)
 
-    def table(self) -> torch.Tensor:
-        """The full (1, M*M, D) table: coordinates arange(M) / (M / G) / pos_interp_scale."""
+    def table(self, device) -> torch.Tensor:
+        """The full (1, M*M, D) table on `device`: coordinates arange(M) / (M / G) / pos_interp_scale."""
         cfg = self.cfg
         pos = sincos_2d(cfg.dim, cfg.pos_embed_max_size, base_size=cfg.grid_size,
-                        pos_interp_scale=cfg.pos_interp_scale, device=self.proj.weight.device)
+                        pos_interp_scale=cfg.pos_interp_scale, device=device)
         return pos.unsqueeze(0)
 
     def positions(self) -> torch.Tensor:
@@ -77,10 +78,22 @@ class EMMDiT(nn.Module):
         self.repa_projector = repa_projector(D, cfg.repa_hidden, cfg.repa_dim) if cfg.repa else None
         # Layers start with PyTorch's default init and blocks init their tables: already what init_weights() does.
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (a diffusers pipeline asks its components)."""
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Rebuild the fixed buffer (the sin-cos position table) on the parameters' device: after to_empty(), or a
+        meta build whose weights hold no table (an EMA export)."""
+        weight = self.pos_embed.proj.weight  # meta while a loader has yet to assign the weights: the default device
+        self.pos_embed.pos_embed = self.pos_embed.table(None if weight.is_meta else weight.device)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """PyTorch default layer init and N(0, 1/D) modulation tables, as the release; works after to_empty()."""
-        self.pos_embed.pos_embed.copy_(self.pos_embed.table().to(self.pos_embed.pos_embed.device))
+        self.init_buffers()
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.RMSNorm)):
                 m.reset_parameters()

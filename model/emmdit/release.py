@@ -36,4 +36,5 @@ RELEASE = ReleaseFormat(
     to_release=lambda key: key,
     dropped=("projectors.",),
     signature="block_groups.",
+    license="mit",  # the LICENSE of github.com/AMD-AGI/Nitro-E
 )

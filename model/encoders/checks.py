@@ -1,7 +1,5 @@
-"""What the encoder wrappers share: the shape checks of every autoencoder and the test of a local spec."""
+"""What the encoder wrappers share: the shape checks of every autoencoder."""
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -14,12 +12,3 @@ def check_pixels(pixels: torch.Tensor, f: int) -> None:
 def check_latents(latents: torch.Tensor, c: int) -> None:
     if latents.ndim != 4 or latents.shape[1] != c:
         raise ValueError(f"expected latents (N, {c}, h, w), got {tuple(latents.shape)}")
-
-
-def is_local_spec(spec) -> bool:
-    """True for a spec naming a local folder. Hub ids look like relative paths ("org/name"), so a local spec must
-    exist or be explicit (absolute, ./relative, ~)."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return False
-    spec = str(spec)
-    return os.path.isabs(spec) or spec.startswith((".", "~")) or os.path.isdir(spec)

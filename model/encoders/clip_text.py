@@ -18,9 +18,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.encoders.checks import is_local_spec
+from model.encoders.specs import CLIP_TINY, is_local_spec
 
-DFN5B = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
 CONFIG_NAME = "open_clip_config.json"  # open_clip's names, so hub repos and local folders read alike
 WEIGHTS_NAME = "open_clip_model.safetensors"
 TINY_SEED = 20240715
@@ -103,7 +102,7 @@ def _load_tower(model_cfg: dict, weights_path: str, dtype) -> torch.nn.Module:
 
 def load_open_clip(spec: str, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
     """An open_clip text tower by spec: an "hf-hub:" repo, a local folder from `save_tiny_text_encoder`, or "tiny"."""
-    if spec == "tiny":
+    if spec == CLIP_TINY:
         return TextEncoder(tiny_tower(), device, dtype)
     if isinstance(spec, str) and spec.startswith("hf-hub:") and len(spec) > len("hf-hub:"):
         repo = spec[len("hf-hub:"):]
@@ -137,3 +136,66 @@ def save_tiny_text_encoder(folder, seed: int = TINY_SEED) -> str:
     os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps({"model_cfg": TINY_MODEL_CFG}, indent=2), encoding="utf-8")
     return str(folder)
+
+
+# ------------------------------------------------------------------- the same tower as transformers' CLIP
+
+
+def to_transformers(encoder: TextEncoder):
+    """(CLIPTextModel, CLIPTokenizer) computing the same caption states as `encoder`: the open_clip tower's weights
+    under transformers' names (the fused q|k|v split in three), and a tokenizer from open_clip's own BPE vocabulary
+    padding with id 0 as open_clip does. Exported pipelines carry these, so they load without open_clip."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tower = encoder.tower
+    block = tower.transformer.resblocks[0]
+    act = "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
+    cfg = CLIPTextConfig(vocab_size=tower.vocab_size, hidden_size=tower.width,
+                         intermediate_size=block.mlp.c_fc.out_features,
+                         num_hidden_layers=len(tower.transformer.resblocks), num_attention_heads=tower.heads,
+                         max_position_embeddings=tower.context_length, hidden_act=act,
+                         layer_norm_eps=tower.ln_final.eps, pad_token_id=0, bos_token_id=49406, eos_token_id=49407)
+    state = {"text_model.embeddings.token_embedding.weight": tower.token_embedding.weight,
+             "text_model.embeddings.position_embedding.weight": tower.positional_embedding,
+             "text_model.final_layer_norm.weight": tower.ln_final.weight,
+             "text_model.final_layer_norm.bias": tower.ln_final.bias}
+    for i, b in enumerate(tower.transformer.resblocks):
+        pre = f"text_model.encoder.layers.{i}."
+        q, k, v = b.attn.in_proj_weight.chunk(3)
+        qb, kb, vb = b.attn.in_proj_bias.chunk(3)
+        state.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": k,
+                      pre + "self_attn.v_proj.weight": v, pre + "self_attn.q_proj.bias": qb,
+                      pre + "self_attn.k_proj.bias": kb, pre + "self_attn.v_proj.bias": vb,
+                      pre + "self_attn.out_proj.weight": b.attn.out_proj.weight,
+                      pre + "self_attn.out_proj.bias": b.attn.out_proj.bias,
+                      pre + "layer_norm1.weight": b.ln_1.weight, pre + "layer_norm1.bias": b.ln_1.bias,
+                      pre + "layer_norm2.weight": b.ln_2.weight, pre + "layer_norm2.bias": b.ln_2.bias,
+                      pre + "mlp.fc1.weight": b.mlp.c_fc.weight, pre + "mlp.fc1.bias": b.mlp.c_fc.bias,
+                      pre + "mlp.fc2.weight": b.mlp.c_proj.weight, pre + "mlp.fc2.bias": b.mlp.c_proj.bias})
+    model = CLIPTextModel(cfg)
+    # transformers 5 names the tensors without the "text_model." of its 4.x checkpoints
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    model.load_state_dict({prefix + k[len("text_model."):]: v.detach().clone() for k, v in state.items()},
+                          strict=True)
+    return model.to(device=encoder.device, dtype=encoder.dtype).eval().requires_grad_(False), clip_tokenizer()
+
+
+def clip_tokenizer():
+    """transformers' CLIPTokenizer over open_clip's BPE vocabulary (the one every CLIP text tower shares); with
+    model/pipelines/microdit.py `clip_ids` (open_clip's cleaning, pad id 0) its ids are open_clip's."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    bpe = SimpleTokenizer()  # its vocabulary and merges, read from the file open_clip ships
+    vocab = dict(bpe.encoder)
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    vocab = {("<|startoftext|>" if k == "<start_of_text>" else "<|endoftext|>" if k == "<end_of_text>" else k): v
+             for k, v in vocab.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                             model_max_length=77)

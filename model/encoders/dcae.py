@@ -5,17 +5,13 @@ Specs: "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers" (any hub id or local folder
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 
 from model.encoders.checks import check_latents, check_pixels
+from model.encoders.specs import DCAE_TINY
 
-DCAE_F32C32 = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
-HUB = ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers",)  # the E-MMDiT release's
-TINY = "tiny-dcae"
 TINY_SEED = 20241001
 # f = 2 ** (stages - 1) = 4; the scaling factor is the release's (DC-AE f32c32's config says 0.41407 too).
 TINY_CONFIG = dict(in_channels=3, latent_channels=4, attention_head_dim=8,
@@ -67,20 +63,9 @@ def save_tiny_dcae(folder, seed: int = TINY_SEED) -> str:
     return str(folder)
 
 
-def is_dcae_folder(folder) -> bool:
-    """True for a local folder holding an AutoencoderDC config.json."""
-    cfg = Path(folder).expanduser() / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "AutoencoderDC"
-    except ValueError:
-        return False
-
-
 def load_dcae(spec: str, device="cpu", dtype: torch.dtype = torch.float32) -> DCAE:
     """A DC-AE by spec: "tiny-dcae", a hub id or a local folder."""
-    if spec == TINY:
+    if spec == DCAE_TINY:
         return DCAE(build_tiny(), device, dtype)
     from diffusers import AutoencoderDC
 

@@ -1,14 +1,14 @@
-"""Llama caption encoder (E-MMDiT): last hidden states of Llama-3.2-1B, BOS + caption, right-padded with EOS.
+"""Llama caption encoder (E-MMDiT): last hidden states of Llama-3.2-1B, padded to `tokens` rows with EOS.
 
 Specs: "meta-llama/Llama-3.2-1B" (or any hub id / local folder holding a Llama `config.json`, weights and a
 tokenizer, as `save_pretrained` writes them), or "tiny-llama" (width 64, 2 layers, a word-level tokenizer built
 offline, fixed-seed weights). `tokens` is the padded length (128 for E-MMDiT).
 
-Pad rows: the network attends to every one of the `tokens` rows (no text mask), so pad rows are part of the
-input. Llama is causal, so a caption's own rows do not depend on what follows them; the pad rows do in a plain
-padded forward (each EOS sees the caption before it). Here every pad row is one fixed vector instead, `pad_state`
-(the last hidden state of a lone EOS token), so a caption is exactly (its n real rows, n) and storage keeps only
-those (precompute re-pads on read). The unconditional input is the empty prompt's embedding: BOS, then pads.
+Two text modes, defined once in model/pipelines/emmdit.py (`encode_llama`), which the pipeline draws with:
+"release", the Nitro-E release's procedure (captions cleaned, Llama run with the attention mask, all rows kept: the
+pad rows depend on the caption), and "compact", an opt-in for storage (Llama without a mask, every pad row one fixed
+vector, `pad_state`, so storage keeps a caption's own rows only). The unconditional input is the empty prompt's
+embedding in the same mode.
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-LLAMA_3_2_1B = "meta-llama/Llama-3.2-1B"
-HUB = ("meta-llama/Llama-3.2-1B",)  # the E-MMDiT release's
-TINY = "tiny-llama"
+from model.encoders.specs import LLAMA_TINY
+from model.pipelines.emmdit import TEXT_MODES, encode_llama, preprocess_captions
+
 TINY_SEED = 20251031
 TINY_TOKENS = 16
 DEFAULT_TOKENS = 128
+CLEAN_CAPTION = True  # the release cleans captions in its precompute and its pipeline call alike
 BOS, EOS, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<unk>"
 # The tiny tokenizer's words: the synthetic demo captions' vocabulary plus common caption words.
 TINY_WORDS = ("a an the of on in at with and to is are small large big little red green blue yellow purple orange "
@@ -68,59 +69,46 @@ def save_tiny_llama(folder, seed: int = TINY_SEED) -> str:
 
 
 class LlamaTextEncoder:
-    """Captions -> (N, tokens, width) float32 Llama last hidden states; pad rows are `pad_state`."""
+    """Captions -> (N, tokens, width) float32 Llama last hidden states in a text mode (module docstring); the same
+    procedure the E-MMDiT pipeline draws with (model/pipelines/emmdit.py `encode_llama`)."""
 
-    def __init__(self, model, tokenizer, device, dtype, tokens: int):
+    def __init__(self, model, tokenizer, device, dtype, tokens: int, mode: str = "release"):
         if tokens < 2:
             raise ValueError(f"tokens={tokens}: expected at least 2 (BOS and one more)")
         if tokenizer.eos_token_id is None or tokenizer.bos_token_id is None:
             raise ValueError("the Llama tokenizer needs a BOS and an EOS token")
+        if mode not in TEXT_MODES:
+            raise ValueError(f"text mode {mode!r}: expected one of {TEXT_MODES}")
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device, self.dtype = torch.device(device), dtype
         self.width = int(model.config.hidden_size)
         self.context_length = int(tokens)
-        self.eos_id, self.bos_id = int(tokenizer.eos_token_id), int(tokenizer.bos_token_id)
-        self._pad = None
-
-    def _ids(self, captions: list[str]) -> list[list[int]]:
-        if isinstance(captions, str):
-            raise ValueError("expected a list of captions, got a single str")
-        ids = self.tokenizer(list(captions), add_special_tokens=True)["input_ids"]
-        return [i if i[:1] == [self.bos_id] else [self.bos_id, *i] for i in ids]  # BOS first, as Llama-3's
+        self.mode = mode
 
     def count_tokens(self, captions: list[str]) -> list[int]:
-        """Untruncated token count per caption, BOS included (> context_length: truncated)."""
-        return [len(i) for i in self._ids(captions)]
-
-    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """((N, tokens) ids right-padded with EOS, (N,) real lengths), long captions truncated."""
-        ids = [i[:self.context_length] for i in self._ids(captions)]
-        lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)
-        padded = torch.full((len(ids), self.context_length), self.eos_id, dtype=torch.long)
-        for row, i in enumerate(ids):
-            padded[row, :len(i)] = torch.tensor(i, dtype=torch.long)
-        return padded, lengths
+        """Untruncated token count per caption as the mode tokenizes it, BOS included (> context_length:
+        truncated)."""
+        if isinstance(captions, str):
+            raise ValueError("expected a list of captions, got a single str")
+        texts = preprocess_captions(list(captions), CLEAN_CAPTION) if self.mode == "release" else list(captions)
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        return [len(i) + (i[:1] != [bos]) for i in ids]
 
     @property
     def pad_state(self) -> torch.Tensor:
-        """(width,) float32: the last hidden state of a lone EOS token, the value of every pad row."""
-        if self._pad is None:
-            ids = torch.tensor([[self.eos_id]], device=self.device)
-            with torch.no_grad():
-                self._pad = self.model(input_ids=ids).last_hidden_state[0, 0].float()
-        return self._pad
+        """(width,) float32, compact mode's value of every pad row: the last hidden state of a lone EOS token."""
+        if self.mode != "compact":
+            raise ValueError("pad rows are one fixed vector in compact mode only")
+        return self.encode([""])[0, -1]
 
-    @torch.no_grad()
     def encode_with_lengths(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """((N, tokens, width) float32 states, (N,) real lengths)."""
-        ids, lengths = self.tokenize(captions)
-        ids = ids.to(self.device)
-        # No attention mask: causal attention keeps real rows independent of the pads after them.
-        states = self.model(input_ids=ids).last_hidden_state.float()  # (N, L, D)
-        pad = torch.arange(self.context_length, device=self.device)[None, :] >= lengths.to(self.device)[:, None]
-        states = torch.where(pad[..., None], self.pad_state.to(states), states)
-        return states, lengths
+        """((N, tokens, width) float32 states, (N,) real token counts)."""
+        if isinstance(captions, str):
+            raise ValueError("expected a list of captions, got a single str")
+        return encode_llama(self.tokenizer, self.model, list(captions), self.context_length, self.mode,
+                            CLEAN_CAPTION)
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         """(N, tokens, width) float32 last hidden states."""
@@ -131,12 +119,13 @@ class LlamaTextEncoder:
         return self.encode([""])[0]
 
 
-def load_llama(spec: str, device="cpu", dtype: torch.dtype = torch.float32,
-               tokens: int | None = None) -> LlamaTextEncoder:
+def load_llama(spec: str, device="cpu", dtype: torch.dtype = torch.float32, tokens: int | None = None,
+               mode: str = "release") -> LlamaTextEncoder:
     """A Llama caption encoder: "tiny-llama", a hub id, or a local folder (FileNotFoundError when it lacks files)."""
-    if spec == TINY:
+    if spec == LLAMA_TINY:
         tokenizer = build_tiny_tokenizer()
-        return LlamaTextEncoder(build_tiny_model(len(tokenizer)), tokenizer, device, dtype, tokens or TINY_TOKENS)
+        return LlamaTextEncoder(build_tiny_model(len(tokenizer)), tokenizer, device, dtype, tokens or TINY_TOKENS,
+                                mode)
     from transformers import AutoModel, AutoTokenizer
 
     path = str(spec)
@@ -150,17 +139,4 @@ def load_llama(spec: str, device="cpu", dtype: torch.dtype = torch.float32,
     if getattr(model.config, "model_type", None) != "llama":
         raise ValueError(f"text encoder {spec!r} is a {model.config.model_type!r} model, expected 'llama'")
     default = tokenizer.model_max_length if tokenizer.model_max_length <= 4096 else DEFAULT_TOKENS
-    return LlamaTextEncoder(model, tokenizer, device, dtype, tokens or default)
-
-
-def is_llama_folder(folder: str) -> bool:
-    """True for a local folder holding a transformers Llama config (model_type "llama")."""
-    import json
-
-    cfg = Path(folder).expanduser() / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "llama"
-    except ValueError:
-        return False
+    return LlamaTextEncoder(model, tokenizer, device, dtype, tokens or default, mode)

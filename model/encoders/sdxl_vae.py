@@ -12,14 +12,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from model.encoders.checks import check_latents, check_pixels
-
-# Hub id -> subfolder holding the VAE. Channels, downsampling and scaling are read from each VAE's config.
-VAE_HUB = {
-    "stabilityai/stable-diffusion-xl-base-1.0": "vae",
-    "madebyollin/sdxl-vae-fp16-fix": None,
-    "ostris/vae-kl-f8-d16": None,  # 16 latent channels
-}
-
+from model.encoders.specs import SDXL_VAE_HUB
 
 class DiffusersVAE:
     """A diffusers AutoencoderKL; latents are one posterior sample, shifted and scaled as its config says."""
@@ -51,12 +44,12 @@ class DiffusersVAE:
 
 
 def load_sdxl_vae(spec: str, device="cpu", dtype: torch.dtype = torch.float32) -> DiffusersVAE:
-    """A hub id of VAE_HUB or a local diffusers VAE folder (or a whole pipeline snapshot with vae/)."""
-    if spec in VAE_HUB:
+    """A hub id of SDXL_VAE_HUB or a local diffusers VAE folder (or a whole pipeline snapshot with vae/)."""
+    if spec in SDXL_VAE_HUB:
         if dtype == torch.float16 and spec != "madebyollin/sdxl-vae-fp16-fix":
             raise ValueError(f"VAE {spec!r} overflows in float16; use bfloat16/float32 or "
                              "'madebyollin/sdxl-vae-fp16-fix'")
-        return _load(spec, VAE_HUB[spec], device, dtype)
+        return _load(spec, SDXL_VAE_HUB[spec], device, dtype)
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"VAE folder {str(folder)!r} does not exist")

@@ -5,7 +5,7 @@ import dataclasses
 
 from torch import nn
 
-from model.family import Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
+from model.family import Drawing, Family, LatentSpec, SamplerDefaults, TextSpec, latent_side
 from model.microdit.config import PRESETS, ModelConfig, flops_per_sample
 from model.microdit.network import MicroDiT
 from model.microdit.release import RELEASE
@@ -32,6 +32,13 @@ def training_flops(cfg: ModelConfig, objective: EDMConfig) -> float:
     return flops_per_sample(cfg, objective.mask_ratio)
 
 
+def scheduler(objective: EDMConfig):
+    """EDM Heun with the network's sigma_data (model/samplers/edm_heun.py)."""
+    from model.samplers.edm_heun import EDMHeunScheduler
+
+    return EDMHeunScheduler(sigma_data=objective.sigma_data)
+
+
 FAMILY = Family(
     name="microdit",
     title="MicroDiT",
@@ -46,5 +53,7 @@ FAMILY = Family(
     text=TextSpec(encoder="hf-hub:apple/DFN5B-CLIP-ViT-H-14-378", tokens=77, width=1024,
                   padding="open_clip (zeros after EOT)", unconditional="zeros"),
     sampler=SamplerDefaults(kind="heun", steps=30, guidance=5.0),
+    drawing=Drawing(transformer="model.microdit.transformer:MicroDiTTransformer2DModel",
+                    pipeline="model.pipelines.microdit:MicroDiTPipeline", scheduler=scheduler),
     release=RELEASE,
 )

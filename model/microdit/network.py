@@ -39,7 +39,8 @@ class MicroDiT(nn.Module):
         self.caption_embedder = CaptionEmbedder(cfg.caption_dim, D, cfg.head_dim, caption_hidden(cfg), eps)
         self.pooled_embedder = Mlp(D, D, eps)
         # Fixed positions: rebuilt from the config, never saved, so a 256-px state_dict loads into a 512-px model.
-        self.register_buffer("pos_embed", self._positions(), persistent=False)  # (1, T, D)
+        # On the default device (not the parameters'): a build with meta parameters still gets real positions.
+        self.register_buffer("pos_embed", self._positions(None), persistent=False)  # (1, T, D)
 
         block = lambda spec: DiTBlock(spec, D, cfg.head_dim, cfg.num_experts, cfg.expert_capacity, eps)
         self.mixer_in = _projection(D, cfg.mixer_dim, eps)
@@ -50,16 +51,22 @@ class MicroDiT(nn.Module):
         self.final_layer = FinalLayer(D, D, cfg.patch_size ** 2 * cfg.in_channels, eps)
         self.init_weights()
 
-    def _positions(self) -> torch.Tensor:
+    def _positions(self, device) -> torch.Tensor:
         cfg = self.cfg
-        pos = sincos_2d(cfg.dim, cfg.grid_size, pos_interp_scale=cfg.pos_interp_scale,
-                        device=self.x_embedder.weight.device)
+        pos = sincos_2d(cfg.dim, cfg.grid_size, pos_interp_scale=cfg.pos_interp_scale, device=device)
         return pos.unsqueeze(0)  # (1, T, D)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (a diffusers pipeline asks its components)."""
+        return next(self.parameters()).device
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Rebuild the fixed buffers (positions) on the parameters' device; needed after to_empty()."""
-        self.pos_embed = self._positions().to(self.pos_embed.device)
+        """Rebuild the fixed buffers (positions) on the parameters' device; needed after to_empty() or a meta
+        build."""
+        weight = self.x_embedder.weight  # meta while a loader has yet to assign the weights: keep the default device
+        self.pos_embed = self._positions(None if weight.is_meta else weight.device)
 
     @torch.no_grad()
     def init_weights(self) -> None:

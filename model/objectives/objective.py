@@ -1,7 +1,7 @@
-"""An objective as training and sampling use it: `build(config)` turns an objective config (configs.py) into an
-object with `loss` (training) and `sample` (drawing), and, for objectives whose unconditional caption is data
-(rectified flow: the empty prompt's embedding), `bind`. Per-batch inputs beyond latents and captions (REPA's DINOv2
-features) arrive as `extras`.
+"""An objective as training uses it: `build(config)` turns an objective config (configs.py) into an object with
+`loss`, and, for objectives whose unconditional caption is data (rectified flow: the empty prompt's embedding),
+`bind`. Per-batch inputs beyond latents and captions (REPA's DINOv2 features) arrive as `extras`. Drawing is the
+family's diffusers pipeline with the scheduler the objective implies (model/family.py `Drawing`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from model.objectives.rectified_flow import drop_captions as drop_to_uncond
 
 
 class EDM:
-    """EDM training and Heun sampling with one set of constants (model/objectives/edm.py)."""
+    """EDM training with its constants (model/objectives/edm.py); drawn by EDM Heun (model/samplers/edm_heun.py)."""
 
     kind = "edm"
 
@@ -43,25 +43,13 @@ class EDM:
         caption = drop_captions(caption, self.config.caption_dropout, generator)
         return edm_loss(net, latents, caption, self.config, generator)[0]
 
-    @torch.no_grad()
-    def sample(self, net: nn.Module, noise: torch.Tensor, caption: torch.Tensor, *, steps: int,
-               guidance: float | None, unconditional: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents from standard normal noise by EDM Heun with CFG (the unconditional caption is zeros)."""
-        # Imported here: model.samplers.heun imports edm's preconditioning, so a module-level import would
-        # make `import model.samplers.heun` circular.
-        from model.samplers.heun import HeunSampler
-
-        if unconditional is not None and bool(unconditional.abs().sum() != 0):
-            raise ValueError("EDM-trained networks take zeros as the unconditional caption")
-        return HeunSampler(steps=steps).sample(net, noise, caption, guidance=guidance, sigma_data=self.sigma_data)
-
 
 class RectifiedFlow:
-    """Rectified-flow training (logit-normal t, optional REPA) and Euler sampling (model/objectives/rectified_flow.py).
+    """Rectified-flow training (logit-normal t, optional REPA; model/objectives/rectified_flow.py).
 
     The unconditional caption (E-MMDiT: the empty prompt's embedding, (L, D)) is data, not a constant: caption
-    dropout and guidance need it, so `bind(unconditional=...)` gives an objective that holds it (the trainer binds
-    the one precompute wrote; generate the one its text encoder makes).
+    dropout needs it, so `bind(unconditional=...)` gives an objective that holds it (the trainer binds the one
+    precompute wrote; the training-time sample grids guide with it too).
     """
 
     kind = "rectified_flow"
@@ -100,19 +88,6 @@ class RectifiedFlow:
         if repa:
             loss = loss + self.repa_weight * repa_loss(z, extras[self.REPA_FEATURES].to(z.device))
         return loss
-
-    @torch.no_grad()
-    def sample(self, net: nn.Module, noise: torch.Tensor, caption: torch.Tensor, *, steps: int,
-               guidance: float | None, unconditional: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents from standard normal noise by flow-matching Euler with CFG against the unconditional caption."""
-        from model.samplers.euler import EulerSampler  # beside HeunSampler's import (see EDM.sample)
-
-        uncond = unconditional if unconditional is not None else self.unconditional
-        if guidance is not None and uncond is None:
-            raise ValueError("rectified_flow guidance needs the unconditional caption (the empty prompt's "
-                             "embedding): pass unconditional= or bind(unconditional=...)")
-        uncond = uncond.to(caption.device) if uncond is not None else None
-        return EulerSampler(steps=steps).sample(net, noise, caption, guidance=guidance, uncond=uncond)
 
 
 Objective = Union[EDM, RectifiedFlow]

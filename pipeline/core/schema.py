@@ -247,14 +247,33 @@ def validate(schema: pa.Schema, resolutions: Sequence[int]) -> None:
         _check_tensor_type(schema.field(name))
 
 
-def write_unconditional(folder_uri: str, unconditional: np.ndarray, pad: np.ndarray) -> str:
-    """Write a source's `_unconditional.safetensors` ((tokens, width) and (width,), float32); returns its URI."""
+def write_unconditional(folder_uri: str, unconditional: np.ndarray, pad: np.ndarray | None = None) -> str:
+    """Write a source's `_unconditional.safetensors` ((tokens, width) float32, and compact caption storage's pad
+    row (width,)); returns its URI."""
     from safetensors.numpy import save
 
+    tensors = {"unconditional": np.ascontiguousarray(unconditional, dtype=np.float32)}
+    if pad is not None:
+        tensors["pad"] = np.ascontiguousarray(pad, dtype=np.float32)
     uri = storage.join(folder_uri, UNCONDITIONAL_FILE)
-    storage.write_bytes(uri, save({"unconditional": np.ascontiguousarray(unconditional, dtype=np.float32),
-                                   "pad": np.ascontiguousarray(pad, dtype=np.float32)}))
+    storage.write_bytes(uri, save(tensors))
     return uri
+
+
+def stored_text_mode(folder_uri: str) -> str | None:
+    """The text mode a source's caption states were computed in, read from its `_unconditional.safetensors`:
+    "compact" when it holds the pad row, else "release"; None when the folder has no such file."""
+    from safetensors import safe_open
+
+    uri = storage.join(folder_uri, UNCONDITIONAL_FILE)
+    if not storage.exists(uri):
+        return None
+    if storage.is_s3(uri):
+        from safetensors.numpy import load
+
+        return "compact" if "pad" in load(storage.read_bytes(uri)) else "release"
+    with safe_open(uri, framework="numpy") as f:
+        return "compact" if "pad" in f.keys() else "release"
 
 
 def read_unconditional(folder_uri: str) -> np.ndarray | None:

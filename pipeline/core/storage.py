@@ -6,9 +6,11 @@ credential chain and are never read, printed or forwarded by this module.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,34 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)
+
+
+def upload_file(path: str, uri: str, chunk: int = 1 << 24) -> None:
+    """Copy a local file to `uri` in chunks (never whole in memory), atomically as write_bytes."""
+    fs, target = filesystem(uri)
+    if is_s3(uri):
+        with open(path, "rb") as src, fs.open_output_stream(target) as dst:
+            for block in iter(lambda: src.read(chunk), b""):
+                dst.write(block)
+        return
+    dest = Path(target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dest)
+
+
+def sha256(uri: str, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of an object, read in chunks."""
+    fs, path = filesystem(uri)
+    h = hashlib.sha256()
+    try:
+        with fs.open_input_stream(path) as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri!r} does not exist") from e
+    return h.hexdigest()
 
 
 def read_json(uri: str) -> Any:

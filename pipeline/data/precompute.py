@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.encoders import load_text_encoder, load_vae
+from model.encoders.specs import is_llama_spec
 from model.encoders.dino import feature_shape
 from pipeline.core import layout, schema, storage
 from pipeline.core import ray_cluster
@@ -59,7 +60,13 @@ def content_fingerprint(cfg: PrecomputeConfig, source: str) -> dict:
     out["source"] = source
     if cfg.repa is not None:  # only when set: outputs made before REPA features existed keep their fingerprint
         out["repa"] = cfg.repa
+    if is_llama_spec(cfg.text_encoder):  # Llama's states depend on the mode; older (compact) outputs had none
+        out["text_mode"] = text_mode(cfg)
     return out
+
+
+def text_mode(cfg: PrecomputeConfig) -> str:
+    return cfg.text_mode or "release"
 
 
 def list_shards(shards_uri: str, require_complete: bool = True) -> dict[str, str]:
@@ -82,14 +89,15 @@ def encoder_dims(cfg: PrecomputeConfig) -> dict:
     text encoder with a fixed pad row (Llama) also that row and the empty prompt's embedding (`text_pad`,
     `unconditional`, float32 arrays)."""
     vae = load_vae(cfg.vae)
-    text = load_text_encoder(cfg.text_encoder, tokens=cfg.max_caption_tokens)
+    text = load_text_encoder(cfg.text_encoder, tokens=cfg.max_caption_tokens, mode=text_mode(cfg))
     if text.context_length != cfg.max_caption_tokens:
         raise ValueError(f"text encoder {cfg.text_encoder!r} has context length {text.context_length}, "
                          f"expected max_caption_tokens={cfg.max_caption_tokens}")
     dims = {"latent_channels": vae.latent_channels, "downsample": vae.downsample,
             "text_tokens": text.context_length, "text_width": text.width}
-    if hasattr(text, "pad_state"):  # compact caption storage: only a caption's own rows are written
+    if getattr(text, "mode", None) == "compact":  # compact caption storage: only a caption's own rows are written
         dims["text_pad"] = text.pad_state.cpu().numpy()
+    if hasattr(text, "unconditional"):  # the empty prompt's states: the unconditional input of training and CFG
         dims["unconditional"] = text.unconditional().cpu().numpy()
     if cfg.repa is not None:  # from the encoder's configs; its weights load in the actors only
 
@@ -108,7 +116,7 @@ def write_unconditional(out_uri: str, dims: dict) -> str | None:
     """`_unconditional.safetensors` beside the parts, when the text encoder defines an unconditional input."""
     if "unconditional" not in dims:
         return None
-    return schema.write_unconditional(out_uri, dims["unconditional"], dims["text_pad"])
+    return schema.write_unconditional(out_uri, dims["unconditional"], dims.get("text_pad"))
 
 
 def read_part_stats(uri: str) -> dict:
@@ -203,7 +211,8 @@ def build_dataset(pending: dict[str, str], out_uri: str, cfg: PrecomputeConfig, 
                         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.vae_gpus_per_actor if gpu else 0, **placed)
     ds = ds.map_batches(EncodeCaptions, batch_size=cfg.text_batch_size, compute=ActorPoolStrategy(size=cfg.text_actors),
                         fn_constructor_kwargs=dict(text_spec=cfg.text_encoder, batch_size=cfg.text_batch_size,
-                                                   device=device, dtype=dtype, max_tokens=cfg.max_caption_tokens),
+                                                   device=device, dtype=dtype, max_tokens=cfg.max_caption_tokens,
+                                                   mode=text_mode(cfg)),
                         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.text_gpus_per_actor if gpu else 0, **placed)
     return ds.map_batches(SpoolWriter(out_uri, source, cfg.resolutions, out_schema), batch_size=cfg.spool_rows,
                           num_cpus=1, **placed)
@@ -220,7 +229,8 @@ def precompute_locally(shards: dict[str, str], out_uri: str, cfg: PrecomputeConf
     read = ReadShard(cfg.read_batch_rows)
     decode = DecodeImages(cfg.resolutions, cfg.min_side, cfg.max_pixels, cfg.empty_captions)
     vae = EncodeImages(cfg.vae, cfg.resolutions, cfg.vae_batch_size, "cpu", "float32", cfg.seed)
-    text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens)
+    text = EncodeCaptions(cfg.text_encoder, cfg.text_batch_size, "cpu", "float32", cfg.max_caption_tokens,
+                          text_mode(cfg))
     repa = EncodeRepa(cfg.repa, cfg.resolutions, cfg.repa_batch_size, "cpu", "float32") if cfg.repa else (lambda b: b)
     write = SpoolWriter(out_uri, source, cfg.resolutions, out_schema)
     tracker = _ShardTracker(content_fingerprint(cfg, source), shards)

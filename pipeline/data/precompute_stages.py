@@ -274,10 +274,11 @@ class EncodeRepa:
 class EncodeCaptions:
     """Actor: captions -> text tower token states (float16, 77 x width) and the truncation flag."""
 
-    def __init__(self, text_spec: str, batch_size: int, device: str, dtype: str, max_tokens: int):
+    def __init__(self, text_spec: str, batch_size: int, device: str, dtype: str, max_tokens: int,
+                 mode: str = "release"):
         import torch
 
-        self.encoder = load_text_encoder(text_spec, device, getattr(torch, dtype), tokens=max_tokens)
+        self.encoder = load_text_encoder(text_spec, device, getattr(torch, dtype), tokens=max_tokens, mode=mode)
         if self.encoder.context_length != max_tokens:
             raise ValueError(f"text encoder {text_spec!r} has context length {self.encoder.context_length}, "
                              f"expected max_caption_tokens={max_tokens}")
@@ -288,8 +289,8 @@ class EncodeCaptions:
         captions = [str(c) for c in batch["caption"]]
         states = np.zeros((len(ok), enc.context_length, enc.width), np.float16)  # (N, 77, W)
         truncated = np.zeros(len(ok), bool)
-        lengths = np.full(len(ok), enc.context_length, np.int32)  # real rows per caption (compact storage)
-        compact = hasattr(enc, "encode_with_lengths")
+        lengths = np.full(len(ok), enc.context_length, np.int32)  # rows stored per caption (compact storage)
+        compact = getattr(enc, "mode", None) == "compact"
         idx = np.flatnonzero(ok)
         for chunk, pad in _padded_chunks(idx, self.batch_size):  # fixed shape: see EncodeImages
             texts = [captions[i] for i in chunk]

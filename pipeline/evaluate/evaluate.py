@@ -36,7 +36,8 @@ from pipeline.data.coco_captions import select_captions
 from pipeline.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec
 from pipeline.evaluate.metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
-from pipeline.generate import Generator, encode_png, image_name, make_grid, resolve_device
+from pipeline.export.loading import resolve_device
+from pipeline.generate import Generator, encode_png, image_name, make_grid
 
 COCO_CAPTIONS = "annotations/captions_val2014.json"
 COCO_IMAGES = "val2014"

@@ -351,7 +351,9 @@ def maybe_sample(model, ema, prompts: torch.Tensor, objective, plan: WorkerPlan,
         return
     model.eval()  # FSDP's bf16 policy already covers the sampler's forwards on GPU
     defaults = plan.export.sampler  # the family's, where the stage sets none
-    latents = sample_latents(model, ema, prompts, plan.latent_shape, objective, steps=s.steps or defaults.steps,
+    latents = sample_latents(model, ema, prompts, families.get(plan.export.family), stage.objective.config(),
+                             getattr(objective, "unconditional", None),
+                             steps=s.steps or defaults.steps,
                              guidance=defaults.guidance if s.guidance is None else s.guidance, seed=stage.seed)
     model.train()
     if rank == 0:

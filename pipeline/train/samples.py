@@ -1,5 +1,5 @@
-"""Sample grids during training: fixed prompts, EMA weights, the objective's sampler with CFG, a PNG under
-{stage}/samples/."""
+"""Sample grids during training: fixed prompts, EMA weights, drawn through the family's diffusers pipeline (the
+scheduler its objective implies, CFG), a PNG under {stage}/samples/."""
 from __future__ import annotations
 
 import io
@@ -9,26 +9,34 @@ import torch
 from torch import nn
 
 from model.encoders import load_vae
-from model.samplers.heun import make_noise
 from pipeline.core import storage
 from pipeline.train.parallelize import reshard_all
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, ema, captions: torch.Tensor, latent_shape, objective, *, steps: int,
-                   guidance: float, seed: int) -> torch.Tensor:
-    """Latents (K, C, H, W) drawn by the stage's objective with the EMA weights (swapped in, then back); run on
-    every rank (FSDP)."""
-    device = captions.device
+def sample_latents(model: nn.Module, ema, captions: torch.Tensor, family, objective_config,
+                   unconditional: torch.Tensor | None, *, steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """Latents (K, C, H, W) drawn with the EMA weights (swapped in, then back) from precomputed caption states, by
+    the family's pipeline without encoders; run on every rank (FSDP). `unconditional`: the empty prompt's states
+    (None: the family's own, zeros for MicroDiT)."""
     backup = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema.copy_to(model)
     try:
-        noise = make_noise((captions.shape[0], *latent_shape), seed, device=device)
-        return objective.sample(model, noise, captions, steps=steps, guidance=guidance)
+        pipe = family.drawing.pipeline_class()(transformer=model, scheduler=family.drawing.scheduler(objective_config))
+        pipe.set_progress_bar_config(disable=True)
+        noise = torch.randn((captions.shape[0], *_latent_shape(model)), generator=torch.Generator().manual_seed(seed))
+        negative = None if unconditional is None else unconditional.reshape(1, *unconditional.shape[-2:])
+        return pipe(prompt_embeds=captions, negative_prompt_embeds=negative, num_inference_steps=steps,
+                    guidance_scale=guidance, latents=noise, output_type="latent").images
     finally:
         reshard_all(model)  # forwards without backward leave the last block gathered
         for n, p in model.named_parameters():
             p.copy_(backup[n])
+
+
+def _latent_shape(model: nn.Module) -> tuple[int, int, int]:
+    cfg = model.cfg
+    return (cfg.in_channels, cfg.input_size, cfg.input_size)
 
 
 def to_pixels(latents: torch.Tensor, vae_spec: str | None) -> np.ndarray:

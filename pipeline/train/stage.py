@@ -68,18 +68,27 @@ def repa_target(model_cfg) -> tuple[int, int]:
     return model_cfg.num_patches, model_cfg.repa_dim
 
 
-def check_objective_inputs(stage: StageConfig, fam, latents: Mapping[str, str], model_cfg=None):
+def check_objective_inputs(stage: StageConfig, fam, latents: Mapping[str, str], model_cfg=None,
+                           text_mode: str | None = None):
     """The unconditional caption the stage's objective trains with (None: zeros), checked before Ray starts.
 
     A family whose unconditional input is the empty prompt's embedding needs `_unconditional.safetensors` from
-    precompute; REPA needs per-row DINOv2 features (`repa_features`, precompute with `encoders.repa`) of the
-    network's REPA target shape in every file.
+    precompute, made in the run's text mode (`text_mode`, the export records it: drawing must compute caption states
+    the way training saw them); REPA needs per-row DINOv2 features (`repa_features`, precompute with
+    `encoders.repa`) of the network's REPA target shape in every file.
     """
     uncond = unconditional(latents)
     if fam.text.unconditional == "empty_prompt" and uncond is None:
         raise FileNotFoundError(f"the {fam.name} family's unconditional caption is the empty prompt's embedding, but "
                                 f"the latents {sorted(latents.values())} hold no _unconditional.safetensors; "
                                 f"precompute them with the family's text encoder ({fam.text.encoder})")
+    if fam.text.unconditional == "empty_prompt" and text_mode is not None:
+        stored = {source: schema.stored_text_mode(uri) for source, uri in sorted(latents.items())}
+        other = {source: mode for source, mode in stored.items() if mode != text_mode}
+        if other:
+            raise ValueError(f"encoders.text_mode is {text_mode!r}, but the caption states of {other} were "
+                             f"precomputed in another mode; precompute them again with text_mode {text_mode!r} "
+                             "into a fresh folder, or set encoders.text_mode to match")
     if uses_repa(stage):
         if model_cfg is None:
             raise ValueError(f"stage {stage.name!r}: checking REPA features needs the stage's network config")
@@ -185,7 +194,7 @@ def train_stage(stage: StageConfig | dict, model: ModelSection | dict | str, roo
     used = {s: latents[s] for s in weights}
     fam, model_cfg = stage_model_config(model, stage, latent_shape, caption_shape)
     model_dict = fam.config_to_dict(model_cfg)
-    uncond = check_objective_inputs(stage, fam, used, model_cfg)
+    uncond = check_objective_inputs(stage, fam, used, model_cfg, encoders.text_mode if encoders else None)
     start = resolve_init(root, stage, model_dict, fam.name)
 
     connect(ray_address)

@@ -34,6 +34,10 @@ class EncodersConfig(Section):
     vae: str = "stabilityai/stable-diffusion-xl-base-1.0"
     text: str = "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378"
     repa: str | None = None
+    # How a Llama text encoder computes caption states (model/encoders/llama.py): "release", as the Nitro-E release
+    # (cleaned captions, masked Llama, every row kept), or "compact" (an opt-in storage mode: caption rows only,
+    # one fixed pad row; about 6x fewer bytes a row at 128 tokens). Open_clip towers have one way ("release").
+    text_mode: Literal["release", "compact"] = "release"
 
 
 class DownloadConfig(Section):
@@ -73,7 +77,7 @@ class DownloadConfig(Section):
 class PrecomputeConfig(Section):
     """What to compute (resolutions, decode limits) and how wide to run it on Ray.
 
-    `vae`, `text_encoder`, `repa` and `source` are the step's inputs, not recipe settings: the flow fills them
+    `vae`, `text_encoder`, `text_mode`, `repa` and `source` are the step's inputs, not recipe settings: the flow fills them
     from the run's `encoders` section and the source's name (a recipe that sets them is refused, so they have one
     owner). With `repa` set, each row also gets REPA's DINOv2 patch features of the crop at the largest resolution
     the image has (pipeline/core/schema.py, `repa_features`).
@@ -82,6 +86,7 @@ class PrecomputeConfig(Section):
     resolutions: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
     vae: str | None = None
     text_encoder: str | None = None
+    text_mode: Literal["release", "compact"] | None = None  # None: "release"
     repa: str | None = None  # REPA feature encoder spec; None: no `repa_features` column
     source: str | None = None  # dataset name in keys; default: the shard folder's name
     max_caption_tokens: int = Field(77, ge=1)
@@ -120,5 +125,5 @@ class PrecomputeConfig(Section):
 
     def for_source(self, source: str, encoders: EncodersConfig) -> "PrecomputeConfig":
         """This section as one source's step input: encoders from the run, the source's name."""
-        return self.model_copy(update={"vae": encoders.vae, "text_encoder": encoders.text, "repa": encoders.repa,
-                                       "source": source})
+        return self.model_copy(update={"vae": encoders.vae, "text_encoder": encoders.text,
+                                       "text_mode": encoders.text_mode, "repa": encoders.repa, "source": source})

@@ -64,7 +64,8 @@ class RunConfig(Section):
     @field_validator("precompute")
     @classmethod
     def _encoders_have_one_owner(cls, v: PrecomputeConfig) -> PrecomputeConfig:
-        given = {k: getattr(v, k) for k in ("vae", "text_encoder", "repa", "source") if getattr(v, k) is not None}
+        given = {k: getattr(v, k) for k in ("vae", "text_encoder", "text_mode", "repa", "source")
+                 if getattr(v, k) is not None}
         if given:
             raise ValueError(f"precompute sets {given}: encoders come from the `encoders` section and the source "
                              "name from `sources`; remove them here")
