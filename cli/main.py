@@ -118,6 +118,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from pipeline.core.plan import EvalConfig  # this command's own (the plan imports torch)
+    from pipeline.evaluate.evaluate import evaluate
+    from pipeline.evaluate.geneval.scores import tag_table
+
+    geneval = {"enabled": args.geneval, "per_tag": args.per_tag, "images_per_prompt": args.images_per_prompt,
+               "prompts": args.geneval_prompts, "detector": args.detector, "colour_model": args.colour_model,
+               "steps": args.steps}
+    cfg = EvalConfig(demo=args.demo, fid=False, clip=False, steps=args.steps, device=args.device,
+                     geneval={k: v for k, v in geneval.items() if v is not None})
+    if not (cfg.demo or cfg.geneval.enabled):
+        raise CLIError("nothing to measure: give --geneval and/or --demo")
+    metrics = evaluate(args.weights, args.out, cfg)
+    if "geneval" in metrics:
+        for tag, ours, paper in tag_table(metrics["geneval"]):
+            print(f"{tag:24s} {ours:18s} {paper}")
+        print(f"results: {metrics['geneval']['folder']}/results.jsonl")
+    if "demo" in metrics:
+        print(f"demo caption match: {metrics['demo']['caption_match']:.1%}")
+    return 0
+
+
 def cmd_import_weights(args) -> int:
     from pipeline.core import storage
     from pipeline.weights import import_weights  # this command's own (torch)
@@ -126,7 +148,36 @@ def cmd_import_weights(args) -> int:
     source = storage.read_json(storage.join(out, "config.json"))["source"]
     print(f"imported {source['file']} ({args.family} variant {source['variant']}, sha256 {source['sha256'][:12]}...) "
           f"-> {out}")
+    if args.diffusers:
+        _export_diffusers(out, args.diffusers, use_ema=True)
     print(f"draw with: microdit generate {out} OUT_DIR --prompt '...'")
+    return 0
+
+
+def _export_diffusers(export: str, out: str, use_ema: bool, vae: str | None = None, text: str | None = None) -> None:
+    from pipeline.export.diffusers_folder import export_diffusers  # this command's own (diffusers, torch)
+
+    export_diffusers(export, out, use_ema=use_ema, vae_spec=vae, text_spec=text)
+    print(f"diffusers folder -> {out}\n  DiffusionPipeline.from_pretrained({out!r}, trust_remote_code=True)")
+
+
+def cmd_export_diffusers(args) -> int:
+    _export_diffusers(args.export, args.out, not args.no_ema, args.vae, args.text_encoder)
+    return 0
+
+
+def cmd_push(args) -> int:
+    """Upload a diffusers folder to the Hub: one huggingface_hub call (needs a token: `hf auth login` or HF_TOKEN)."""
+    from huggingface_hub import HfApi  # this command's own
+
+    folder = Path(args.folder)
+    if not (folder / "model_index.json").is_file():
+        raise CLIError(f"{folder} has no model_index.json: write it with `microdit export-diffusers` first")
+    api = HfApi()
+    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    info = api.upload_folder(repo_id=args.repo_id, folder_path=str(folder), ignore_patterns=["_SUCCESS"],
+                             commit_message=args.message)
+    print(f"pushed {folder} -> {info}")
     return 0
 
 
@@ -259,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
+    ev = sub.add_parser("evaluate", help="measure an export or a diffusers folder: GenEval, the demo metric "
+                                         "(no stack needed; FID on COCO runs in the flow's evaluate step)")
+    ev.add_argument("weights", help="an export folder or a diffusers folder")
+    ev.add_argument("out", help="where eval/ is written (a run root, local or s3://)")
+    ev.add_argument("--geneval", action="store_true", default=None, help="run GenEval")
+    ev.add_argument("--per-tag", type=int, default=None, help="GenEval smoke run: the first N prompts of each tag")
+    ev.add_argument("--geneval-prompts", type=int, nargs="+", default=None, help="GenEval prompt indices")
+    ev.add_argument("--images-per-prompt", type=int, default=None)
+    ev.add_argument("--detector", default=None, help="Mask2Former spec (default: the Hub's Swin-S COCO instance)")
+    ev.add_argument("--colour-model", default=None, help="open_clip spec (default: ViT-L-14/openai)")
+    ev.add_argument("--demo", action="store_true", help="the synthetic caption-match metric (tiny recipes)")
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(fn=cmd_evaluate)
+
     imp = sub.add_parser("import-weights", help="a released checkpoint (MicroDiT .pt, E-MMDiT .safetensors) as an "
                                                  "export that generate and training stages use")
     imp.add_argument("file", help="the downloaded release file")
@@ -266,7 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--family", required=True, choices=sorted(families.REGISTRY))
     imp.add_argument("--variant", default=None,
                      help="microdit: 22M, 37M, 16ch, 0.5B; emmdit: 512px, 512px-dist (default: from the file name)")
+    imp.add_argument("--diffusers", metavar="OUT", default=None,
+                     help="also write the export as a diffusers folder at OUT (see export-diffusers)")
     imp.set_defaults(fn=cmd_import_weights)
+
+    exp = sub.add_parser("export-diffusers", help="an export as a diffusers folder (model_index.json, components, "
+                                                  "code, model card) that loads without microdit")
+    exp.add_argument("export", help="an export folder (a stage's train/<stage>/export, or import-weights' output)")
+    exp.add_argument("out", help="the folder to write (local or s3://)")
+    exp.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    exp.add_argument("--vae", default=None, help="VAE spec (default: the export's)")
+    exp.add_argument("--text-encoder", default=None, help="text encoder spec (default: the export's)")
+    exp.set_defaults(fn=cmd_export_diffusers)
+
+    push = sub.add_parser("push", help="upload a diffusers folder to the Hugging Face Hub (huggingface_hub)")
+    push.add_argument("folder", help="a folder written by export-diffusers")
+    push.add_argument("repo_id", help="user/name on the Hub")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--message", default="Upload microdit model")
+    push.set_defaults(fn=cmd_push)
 
     demo = sub.add_parser("demo", help="`up` if needed, then the tiny recipe end to end on CPU")
     recipe_args(demo)

@@ -24,6 +24,7 @@ import argparse
 import ast
 import hashlib
 import importlib.metadata
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from pipeline.core.plan.run import STEPS as PLAN_STEPS
 
 PACKAGES = ("model", "pipeline", "flows", "cli")  # imports of anything else (torch, ray, stdlib) are not followed
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding the three packages (repo or site-packages)
+# How registries name what they import lazily (model/family.py REGISTRY, model/encoders LOADERS): "pkg.mod:attr".
+LAZY_SPEC = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+:[A-Za-z_][A-Za-z0-9_]*")
 _LOCK = threading.Lock()  # one parse at a time in this process (see the module docstring)
 
 
@@ -44,14 +47,15 @@ class Step:
 
 
 # What each step's task calls, and the steps it reads from: download -> precompute -> train (every stage) ->
-# sample, evaluate -> report.
+# sample, evaluate -> diffusers (its model card shows both) -> report.
 _GRAPH = {
     "download": Step(("pipeline.data.download", "pipeline.data.sources.*")),
     "precompute": Step(("pipeline.data.precompute",), upstream=("download",)),
     "train": Step(("pipeline.train.stage",), upstream=("precompute",)),
     "sample": Step(("pipeline.generate",), upstream=("train",)),
     "evaluate": Step(("pipeline.evaluate.evaluate",), upstream=("train",)),
-    "report": Step(("pipeline.report.report",), upstream=("sample", "evaluate")),
+    "diffusers": Step(("pipeline.export.diffusers_folder",), upstream=("sample", "evaluate")),
+    "report": Step(("pipeline.report.report",), upstream=("sample", "evaluate", "diffusers")),
 }
 STEPS: dict[str, Step] = {name: _GRAPH[name] for name in PLAN_STEPS}  # the plan's steps, in its order
 
@@ -110,6 +114,8 @@ class _Tree:
                 # `from pipeline.core import storage`: storage is a module; `from x.configs import to_dict` is not.
                 found.update(f"{base}.{a.name}" for a in node.names
                              if a.name != "*" and self.exists(f"{base}.{a.name}"))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and LAZY_SPEC.fullmatch(node.value):
+                found.add(node.value.split(":")[0])  # a registry's "module:attribute", imported on first use
         return {m for m in found if m.split(".")[0] in PACKAGES and self.exists(m)}
 
 

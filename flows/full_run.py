@@ -1,4 +1,5 @@
-"""The `microdit` flow, deployment `full-run`: download -> precompute -> stages -> sample -> evaluate -> report.
+"""The `microdit` flow, deployment `full-run`: download -> precompute -> stages -> sample -> evaluate -> diffusers
+-> report.
 
 The flow only sequences tasks (flows/tasks.py). Its parameter is the typed run plan (pipeline/core/plan), so the
 Prefect UI shows a form for a run and validates it on arrival; without a plan it reads `recipe` + `overrides`.
@@ -144,6 +145,11 @@ def _full_run(cfg: RunConfig, forced: set[str], log) -> dict[str, str]:
     out["sample_grid"] = sample(cfg, final, paths.samples(), forced)
     if cfg.evaluate is not None:
         out["metrics"] = evaluate(cfg, final, cfg.storage, forced)
+    if cfg.diffusers is not None:
+        chosen = paths.export(cfg.diffusers.stage) if cfg.diffusers.stage else final
+        out["diffusers"] = run_step(tasks.diffusers_task, "diffusers", forced, [paths.diffusers], export_uri=chosen,
+                                    out_uri=paths.diffusers, diffusers=cfg.diffusers, code=code_version("diffusers"),
+                                    upstream=[v for k, v in out.items() if k in ("sample_grid", "metrics")])
     upstream = [v for k, v in out.items() if k != "config"]
     out["report"] = run_step(tasks.report_task, "report", forced, [paths.report_dir], root=cfg.storage,
                              report=cfg.report, upstream=upstream, code=code_version("report"))

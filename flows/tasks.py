@@ -19,8 +19,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from flows.progress_sinks import report_artifacts, task_sink
 from pipeline.core.layout import Layout
 from pipeline.core.progress import DEFAULT_EVERY
-from pipeline.core.plan import (DownloadConfig, EncodersConfig, EvalConfig, GenerateConfig, ModelSection,
-                                PrecomputeConfig, PlanError, ReportConfig, SourceConfig, StageConfig)
+from pipeline.core.plan import (DiffusersConfig, DownloadConfig, EncodersConfig, EvalConfig, GenerateConfig,
+                                ModelSection, PrecomputeConfig, PlanError, ReportConfig, SourceConfig, StageConfig)
 
 # Each task imports its step when it runs: the deployment server (`microdit up`, flows/serve.py) imports this module
 # and then waits, and a step's modules bring torch, Ray Data or the encoders with them.
@@ -111,6 +111,15 @@ def evaluate_task(weights_uri: str, root: str, evaluate: EvalConfig, code: str,
 
     run_evaluate(weights_uri, root, evaluate, progress=task_sink(progress_every))
     return Layout(root).metrics
+
+
+@task(name="diffusers", task_run_name="diffusers", **_STEP)
+def diffusers_task(export_uri: str, out_uri: str, diffusers: DiffusersConfig, code: str, upstream: list[str]) -> str:
+    """Write the export as a diffusers folder (model card with the run's metrics and grid); `upstream` keys it on
+    what the card shows."""
+    from pipeline.export.diffusers_folder import export_diffusers
+
+    return export_diffusers(export_uri, out_uri, use_ema=diffusers.use_ema)
 
 
 @task(name="report", task_run_name="report", **_STEP)

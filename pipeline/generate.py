@@ -23,7 +23,7 @@ from pipeline.core import storage
 from pipeline.core.plan import GenerateConfig
 from pipeline.core.progress import Reporter, Sink
 from pipeline.export.export_folder import Export, open_export
-from pipeline.export.loading import load_pipeline
+from pipeline.export.loading import is_diffusers_folder, load_diffusers_folder, load_pipeline
 
 MANIFEST = "generate.json"  # written last: its presence (with matching inputs) means the output is complete
 # How close the export's stored empty-prompt states must be to what its text encoder gives now (fp16 storage).
@@ -79,25 +79,41 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class Generator:
-    """An export's pipeline turning prompts into uint8 images, seed = base seed + index."""
+    """An export's pipeline (or a diffusers folder's) turning prompts into uint8 images, seed = base seed + index."""
 
     def __init__(self, weights_uri: str, cfg: GenerateConfig, vae_spec: str | None = None,
                  text_spec: str | None = None):
         self.cfg = cfg
-        self.export = open_export(weights_uri, cfg.use_ema)
-        self.weights_uri = self.export.weights
-        self.pipe = load_pipeline(self.export, cfg.device, cfg.dtype, cfg.resolution, vae_spec, text_spec)
+        if is_diffusers_folder(weights_uri):  # `microdit export-diffusers` output, or one from the Hub
+            self._from_folder(str(weights_uri).rstrip("/"), cfg)
+        else:
+            self._from_export(weights_uri, cfg, vae_spec, text_spec)
         self.pipe.set_progress_bar_config(disable=True)
-        self.vae_spec = vae_spec or self.export.encoders.get("vae")
-        self.text_spec = text_spec or self.export.encoders.get("text")
-        self.unconditional_source = check_unconditional(self.export, self.pipe)
         self.steps = cfg.steps if cfg.steps is not None else self.pipe.config.num_inference_steps
         self.guidance = cfg.guidance if cfg.guidance is not None else self.pipe.config.guidance_scale
-        side = self.pipe.transformer.cfg.input_size
-        self.resolution = side * self.pipe.vae_scale_factor
+        self.resolution = self.pipe.transformer.cfg.input_size * self.pipe.vae_scale_factor
         self.dtype = next(self.pipe.transformer.parameters()).dtype
         self.weights_sha256 = storage.sha256(self.weights_uri)
-        self.step = self.export.step
+
+    def _from_export(self, uri: str, cfg: GenerateConfig, vae_spec: str | None, text_spec: str | None) -> None:
+        export = open_export(uri, cfg.use_ema)
+        self.weights_uri, self.step = export.weights, export.step
+        self.pipe = load_pipeline(export, cfg.device, cfg.dtype, cfg.resolution, vae_spec, text_spec)
+        self.family, self.objective = export.family.name, json.dumps(export.config["objective"], sort_keys=True)
+        self.vae_spec = vae_spec or export.encoders.get("vae")
+        self.text_spec = text_spec or export.encoders.get("text")
+        self.unconditional_source = check_unconditional(export, self.pipe)
+
+    def _from_folder(self, folder: str, cfg: GenerateConfig) -> None:
+        if cfg.resolution is not None:
+            raise ValueError(f"{folder!r} is a diffusers folder: it draws at its network's own resolution "
+                             f"(resolution={cfg.resolution} given)")
+        self.pipe = load_diffusers_folder(folder, cfg.device, cfg.dtype)
+        self.weights_uri = storage.join(folder, "transformer", "diffusion_pytorch_model.safetensors")
+        self.step, self.family = None, type(self.pipe).__name__
+        self.objective = json.dumps(dict(self.pipe.scheduler.config), sort_keys=True, default=str)
+        self.vae_spec = self.text_spec = folder
+        self.unconditional_source = "the pipeline's own"
 
     def seeds(self, start: int, n: int) -> list[int]:
         return [self.cfg.seed + start + i for i in range(n)]
@@ -126,10 +142,9 @@ class Generator:
         return {"steps": str(self.steps), "guidance": str(self.guidance), "weights": self.weights_uri,
                 "weights_sha256": self.weights_sha256, "use_ema": str(self.cfg.use_ema),
                 "resolution": str(self.resolution), "dtype": str(self.dtype).replace("torch.", ""),
-                "vae": self.vae_spec, "text_encoder": self.text_spec, "family": self.export.family.name,
+                "vae": self.vae_spec, "text_encoder": self.text_spec, "family": self.family,
                 "pipeline": type(self.pipe).__name__, "scheduler": type(self.pipe.scheduler).__name__,
-                "unconditional": self.unconditional_source,
-                "objective": json.dumps(self.export.config["objective"], sort_keys=True)}
+                "unconditional": self.unconditional_source, "objective": self.objective}
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -54,6 +54,10 @@ SHRINK = [
     "stages.stage1.optim.ema.start_step=0", "stages.stage2.optim.ema.start_step=0",
     "stages.stage3.optim.ema.start_step=0", "stages.stage3.optim.lr=1e-6",
     "stages.stage3.optim.schedule.kind=constant",
+    # GenEval on a prompt subset with the tiny detector and colour model, and the run's diffusers folder
+    "evaluate.geneval.enabled=true", "evaluate.geneval.per_tag=1", "evaluate.geneval.images_per_prompt=1",
+    "evaluate.geneval.steps=2", "evaluate.geneval.detector=tiny-mask2former", "evaluate.geneval.colour_model=tiny-clip",
+    "diffusers={}",
 ]
 
 

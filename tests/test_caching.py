@@ -72,13 +72,13 @@ def test_editing_metrics_invalidates_evaluate_and_report_only(tree: Path):
     before = code_versions(tree)
     assert before == code_versions(tree)  # deterministic
     append_comment(tree, "pipeline.evaluate.metrics")
-    assert changed(before, code_versions(tree)) == {"evaluate", "report"}
+    assert changed(before, code_versions(tree)) == {"evaluate", "diffusers", "report"}
 
 
 def test_editing_a_precompute_stage_invalidates_precompute_and_everything_after(tree: Path):
     before = code_versions(tree)
     append_comment(tree, "pipeline.data.precompute_stages")
-    assert changed(before, code_versions(tree)) == {"precompute", "train", "sample", "evaluate", "report"}
+    assert changed(before, code_versions(tree)) == {"precompute", "train", "sample", "evaluate", "diffusers", "report"}
 
 
 def test_editing_a_source_adapter_invalidates_everything(tree: Path):
@@ -169,4 +169,12 @@ def test_runs_asking_at_once_parse_one_at_a_time(tree: Path, monkeypatch):
     once = calls
     assert code_versions(tree) == results[0] and calls == once  # memoised for this code state
     append_comment(tree, "pipeline.evaluate.metrics")
-    assert changed(results[0], code_versions(tree)) == {"evaluate", "report"} and calls > once
+    assert changed(results[0], code_versions(tree)) == {"evaluate", "diffusers", "report"} and calls > once
+
+
+def test_modules_a_registry_names_by_string_are_in_the_closure():
+    """Registries import on first use ("module:attribute", model/family.py, model/encoders): still the step's code."""
+    precompute = set(step_modules("precompute"))
+    assert {"model.encoders.clip_text", "model.encoders.llama", "model.encoders.standin"} <= precompute
+    train = set(step_modules("train"))
+    assert {"model.microdit.family", "model.emmdit.network", "model.pipelines.emmdit"} <= train

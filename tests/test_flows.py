@@ -38,8 +38,18 @@ def test_killed_run_resumes_the_interrupted_stage(tiny_flow):
     assert export["step"] == STAGE1_STEPS
     assert all(states[f"train-{s}"] == "Completed" for s in STAGES[1:]) and "train-stage4" not in states
     assert (tiny_flow["root"] / "samples" / "grid.png").is_file()
-    assert (tiny_flow["root"] / "eval" / "metrics.json").is_file()
+    metrics = json.loads((tiny_flow["root"] / "eval" / "metrics.json").read_text())
+    assert metrics["geneval"]["images"] == 6 and len(metrics["geneval"]["tags"]) == 6  # one prompt per tag
     assert states["report"] == "Completed" and (tiny_flow["root"] / "report" / "report.md").is_file()
+    report = (tiny_flow["root"] / "report" / "report.md").read_text()
+    assert "## GenEval" in report and "| overall (prompt subset) |" in report and "0.46 (MicroDiT" in report
+    # the diffusers folder, after evaluate: its card carries the run's stages, metrics and grid
+    assert states["diffusers"] == "Completed"
+    folder = tiny_flow["root"] / "diffusers"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"][1] == "MicroDiTPipeline"
+    card = (folder / "README.md").read_text()
+    assert "| stage1 |" in card and "geneval" in card and "![samples](samples.png)" in card
+    assert (folder / "samples.png").is_file()
     saved = json.loads((tiny_flow["root"] / "config.json").read_text())
     assert saved["stages"][0]["steps"] == STAGE1_STEPS and saved["storage"] == str(tiny_flow["root"])
 

@@ -47,6 +47,7 @@ def test_repa_stage_exports_the_inference_network_that_generates(emmdit_flow, tm
     assert config["objective"]["kind"] == "rectified_flow" and config["objective"]["repa_weight"] == 0.5
     assert config["sampler"]["kind"] == "euler"
     assert config["model"]["repa"] is False and config["encoders"]["repa"] == "tiny-dinov2"
+    assert config["encoders"]["text_mode"] == "release"  # the release's caption states, in the data and the export
     assert config["unconditional"] == schema.UNCONDITIONAL_FILE
     assert np.array_equal(schema.read_unconditional(export), schema.read_unconditional(emmdit_flow["latents"]))
     assert all(np.isfinite(_losses(f"{emmdit_flow['root']}/train/stage1")))
@@ -65,7 +66,9 @@ def test_repa_stage_exports_the_inference_network_that_generates(emmdit_flow, tm
     assert any(f.endswith("grid.png") for f in files)
     manifest = json.loads((tmp_path / "gen" / "generate.json").read_text())
     assert manifest["provenance"]["family"] == "emmdit"
-    assert manifest["provenance"]["unconditional"].endswith(schema.UNCONDITIONAL_FILE)
+    # guidance's empty prompt, computed by the pipeline and checked against the states the stage trained with
+    assert manifest["provenance"]["unconditional"] == "the empty prompt (release text mode)"
+    assert manifest["provenance"]["pipeline"] == "EMMDiTPipeline"
 
 
 def test_stopped_repa_stage_resumes_from_s3_to_the_same_losses(emmdit_flow):

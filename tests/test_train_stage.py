@@ -137,7 +137,8 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     config = json.loads((export / "config.json").read_text())
     assert config["step"] == 8 and config["global_step"] == 8 and config["stage"]["name"] == "s1"
     assert config["model"]["input_size"] == 16 and config["model"]["pos_interp_scale"] == 1.0
-    assert config["encoders"] == {"vae": "standin", "text": "tiny", "repa": None}  # generate needs no flags
+    # generate needs no flags
+    assert config["encoders"] == {"vae": "standin", "text": "tiny", "repa": None, "text_mode": "release"}
     # One owner: the stage's objective constants travel in the export, and generate samples with them.
     assert config["family"] == "microdit" and config["objective"]["sigma_data"] == 0.5
     from pipeline.generate import GenerateConfig, Generator

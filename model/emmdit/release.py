@@ -16,7 +16,8 @@ from model.family import ReleaseFormat, Variant
 DC_AE = "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers"
 LLAMA = "meta-llama/Llama-3.2-1B"
 _RF = {"kind": "rectified_flow"}  # the objective's own constants (model/objectives/configs.py)
-_ENC = {"vae": DC_AE, "text": LLAMA}
+# The release computes caption states its own way (masked Llama, every row, cleaned captions): model/pipelines/emmdit.py
+_ENC = {"vae": DC_AE, "text": LLAMA, "text_mode": "release"}
 
 VARIANTS = {v.name: v for v in (
     Variant("512px", "Nitro-E-512px.safetensors", "EMMDiT_512", {}, _ENC, _RF,

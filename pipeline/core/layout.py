@@ -10,6 +10,7 @@
     {root}/train/{stage}/export/             weights + config.json              + _SUCCESS
     {root}/samples/[{stage}/]                the sample grid (generate.json written last)
     {root}/eval/                             metrics.json                       + _SUCCESS
+    {root}/diffusers/                        the model as a diffusers folder    + _SUCCESS
     {root}/report/                           report.md, figures
 
 A step's output folder is complete when its marker exists: the marker is always written last, so a folder
@@ -112,6 +113,10 @@ class Layout:
     @property
     def demo_grid(self) -> str:
         return self.uri("eval", "demo_grid.png")
+
+    @property
+    def diffusers(self) -> str:
+        return self.uri("diffusers")
 
     @property
     def report_dir(self) -> str:

@@ -15,6 +15,8 @@ Protocol (fixed; every number below is recorded in metrics.json beside the resul
     open_clip `clip_model` / `clip_pretrained` (ViT-L-14 / openai by default; a local weights file offline).
   * Demo (tiny recipe): fixed synthetic captions; each sample is read back (colour, shape, background,
     position, size) and compared with its caption: caption_match = colour and shape both right.
+  * GenEval (`geneval.enabled`): its 553 prompts (or a subset), 4 images each, Mask2Former detections, the CLIP
+    colour check and the protocol's rules (pipeline/evaluate/geneval/): per-tag and overall scores.
 Writes {root}/eval/metrics.json, then {root}/eval/_SUCCESS holding the request; a rerun with the same request is
 a no-op, and an interrupted run resumes: generated PNGs and the real-image statistics are kept.
 """
@@ -36,6 +38,7 @@ from pipeline.data.coco_captions import select_captions
 from pipeline.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapeSpec
 from pipeline.evaluate.metrics import (build_fid, caption_match, load_clip_score, load_real_state, save_real_state,
                                    update_clip, update_fid)
+from pipeline.evaluate.geneval.step import run_geneval
 from pipeline.export.loading import resolve_device
 from pipeline.generate import Generator, encode_png, image_name, make_grid
 
@@ -129,11 +132,16 @@ def evaluate(weights_uri: str, root_uri: str, cfg: EvalConfig | None = None, vae
                              vae_spec, text_spec, reporter, n_demo))
     elif cfg.fid or cfg.clip:
         metrics["skipped"] = {"fid_clip": "no COCO-2014 root given (evaluate.coco)"}
+    if cfg.geneval.enabled:
+        metrics["geneval"] = run_geneval(weights_uri, storage.join(eval_uri, "geneval"), cfg.geneval, cfg.use_ema,
+                                         cfg.device, progress)
     storage.write_json(metrics_uri, metrics)
     layout.mark_complete(eval_uri, json.dumps(request))  # last: metrics.json is complete for this request
     figures = {k: round(metrics[k], 3) for k in ("fid", "clip_score") if k in metrics}
     if "caption_match" in metrics.get("demo", {}):
         figures["caption match"] = f"{metrics['demo']['caption_match']:.1%}"
+    if metrics.get("geneval", {}).get("overall") is not None:
+        figures["geneval"] = round(metrics["geneval"]["overall"], 3)
     reporter.finish(reporter.last.done if reporter.last else 0, **figures)
     return metrics
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
 
 import torch
 from accelerate import init_empty_weights
@@ -118,3 +120,50 @@ def load_pipeline(export: Export, device: str = "auto", dtype: str = "auto", res
         options["text_mode"] = export.text_mode
     return pipeline_class(transformer=transformer, scheduler=scheduler, vae=vae.vae, text_encoder=text_encoder,
                           tokenizer=tokenizer, **options)
+
+
+INDEX = "model_index.json"
+LIBRARIES = ("diffusers", "transformers")
+
+
+def is_diffusers_folder(uri: str) -> bool:
+    return storage.exists(storage.join(str(uri).rstrip("/"), INDEX))
+
+
+def check_diffusers_folder(folder: str) -> dict:
+    """A diffusers folder's model_index.json, every component's class checked: known to diffusers or transformers,
+    or shipped as code in the component's folder. FileNotFoundError / ValueError naming what is missing."""
+    import diffusers
+    import transformers
+
+    index_path = os.path.join(folder, INDEX)
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"{folder!r} has no {INDEX}: not a diffusers folder (write one with "
+                                "`microdit export-diffusers`)")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library, cls = entry
+        if library in LIBRARIES:
+            if getattr(libraries[library], cls, None) is None:
+                raise ValueError(f"{index_path}: unknown {name} class {cls!r}: {library} {libraries[library].__version__}"
+                                 " has none, and the folder ships no code for it")
+        elif not os.path.isfile(os.path.join(folder, name, f"{library}.py")):
+            raise ValueError(f"{index_path}: unknown {name} class {cls!r}: neither diffusers nor transformers has it, "
+                             f"and {os.path.join(name, library + '.py')!r} is not in the folder")
+    return index
+
+
+def load_diffusers_folder(folder: str, device: str = "auto", dtype: str = "auto"):
+    """A local diffusers folder's pipeline (the code it ships runs: trust_remote_code), checked first."""
+    from diffusers import DiffusionPipeline
+
+    if storage.is_s3(folder):
+        raise ValueError(f"{folder!r}: draw from a local copy of a diffusers folder (download it first)")
+    check_diffusers_folder(folder)
+    dev = resolve_device(device)
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, torch_dtype=resolve_dtype(dtype, dev))
+    return pipe.to(dev)

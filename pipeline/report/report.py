@@ -24,6 +24,7 @@ from model import family as families
 from pipeline.core import storage
 from pipeline.core.layout import METRICS, Layout
 from pipeline.core.plan import ReportConfig
+from pipeline.evaluate.geneval.scores import tag_table
 
 # Stretching Each Dollar (arXiv 2407.15811), Table / abstract figures.
 PAPER = {"fid_22m_real": 12.72, "fid_37m": 12.66, "geneval": 0.46, "cost_usd": 1890.0, "price_per_gpu_hour": 3.75,
@@ -263,6 +264,12 @@ def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
                       f"EMA weights: {p.get('use_ema')}."]
     if metrics and metrics.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in metrics["skipped"].items())]
+    if metrics and metrics.get("geneval"):
+        g = metrics["geneval"]
+        lines += ["", "## GenEval", "", f"{g['images']} images of {g['prompts']} prompts; detector `{g['detector']}`, "
+                  f"colours `{g['colour_model']}` (transformers / open_clip ports: docs/GENEVAL.md).", "",
+                  "| tag | this run | paper |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in tag_table(g)]
     if grids:
         lines += ["", "## Samples", ""]
         for title, fname in grids:

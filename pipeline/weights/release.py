@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -91,8 +93,9 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
             # Zip-format files (torch.save's default) are memory-mapped: a 4.7 GB file is not read twice.
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04")
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{path!r} is not a plain state dict of tensors: torch.load(weights_only=True) "
-                             f"refused it ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{path!r} is not a plain state dict of tensors: it pickles {_pickled_global(e)}, "
+                             "which loading would have to run; refused (export the weights as a state dict of "
+                             "tensors, or as safetensors)") from None
         except Exception as e:  # RuntimeError from the zip reader, EOFError, ...
             raise ValueError(f"{path!r} cannot be read as a torch.save file (truncated or damaged?): "
                              f"{type(e).__name__}: {e}") from None
@@ -105,6 +108,13 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
     if not state:
         raise ValueError(f"{path!r} holds no tensors")
     return dict(state)
+
+
+def _pickled_global(error: Exception) -> str:
+    """What a refused pickle would have loaded, from torch's message ("GLOBAL module.Name"), without the rest of it
+    (its terminal escape codes, and its advice to turn weights_only off)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return f"the global {found.group(1)!r}" if found else "an object that is not a tensor"
 
 
 # ------------------------------------------------------------------------------------------- mapping
@@ -223,11 +233,21 @@ def export_config(fmt: ReleaseFormat, v: Variant, cfg: Any, source: dict[str, An
             "encoders": dict(v.encoders), "sampler": dict(v.sampler), "step": None, "source": source}
 
 
+def write_weights(state: Mapping[str, torch.Tensor], uris: list[str]) -> None:
+    """A safetensors file of `state` at each URI: serialised once to a local file straight from the tensors (a
+    memory-mapped release is never copied into memory), then copied in chunks (pipeline/core/storage.py)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="microdit-weights-") as folder:
+        local = os.path.join(folder, WEIGHTS)
+        save_file(dict(state), local)
+        for uri in uris:
+            storage.upload_file(local, uri)
+
+
 def import_weights(path: str, out: str, family: str, variant: str | None = None) -> str:
     """Read a released checkpoint, check it, and write our export (model + EMA safetensors, config.json,
     marker last) under `out`; returns `out`. Idempotent: an export of the same file is left as it is."""
-    from safetensors.torch import save
-
     fmt = get_format(family)
     v = variant_for(fmt, path, variant)
     if not os.path.isfile(str(path)):
@@ -244,9 +264,8 @@ def import_weights(path: str, out: str, family: str, variant: str | None = None)
     cfg = fmt.config(v.preset, v.overrides)
     converted = to_ours(fmt, read_tensors(path), cfg, str(path))
     source.update(release_buffers=converted.release_buffers, dropped=converted.dropped)
-    data = save(converted.state)
-    storage.write_bytes(storage.join(out, WEIGHTS), data)
-    storage.write_bytes(storage.join(out, EMA), data)  # a release has one set of weights: the EMA is the same
+    # A release has one set of weights: the EMA is the same file.
+    write_weights(converted.state, [storage.join(out, WEIGHTS), storage.join(out, EMA)])
     storage.write_json(storage.join(out, CONFIG), export_config(fmt, v, cfg, source))
     layout.mark_complete(out, json.dumps({"source": source["file"], "sha256": digest}))
     return out
@@ -275,8 +294,6 @@ def prepare_init(path: str, family: str, model_dict: dict, work_uri: str) -> str
     `{work_uri}/model.safetensors`. Returns the safetensors URI the workers load. ValueError naming the bad
     tensors (or the family) if the weights do not fit the stage's model.
     """
-    from safetensors.torch import save
-
     fmt = get_format(family)
     cfg = fmt.config_from_dict(model_dict)
     if is_export(path):
@@ -295,7 +312,7 @@ def prepare_init(path: str, family: str, model_dict: dict, work_uri: str) -> str
             and storage.read_json(marker).get("model") == model_dict:
         return uri
     converted = to_ours(fmt, read_tensors(path), cfg, str(path))
-    storage.write_bytes(uri, save(converted.state))
+    write_weights(converted.state, [uri])
     storage.write_json(marker, {"file": os.path.basename(str(path)), "sha256": digest, "model": model_dict})
     return uri
 

@@ -1,19 +1,22 @@
 """The typed run plan (pydantic, strict): validated once from a recipe, then passed as is across Prefect and Ray."""
 from pipeline.core.plan.base import PlanError, Section, apply_override, load_yaml, parse_yaml, validate
 from pipeline.core.plan.data import DownloadConfig, EncodersConfig, PrecomputeConfig, SourceConfig
-from pipeline.core.plan.outputs import EvalConfig, GenerateConfig, ReportConfig, SampleConfig
+from pipeline.core.plan.outputs import (DiffusersConfig, EvalConfig, GenerateConfig, GenEvalConfig, ReportConfig,
+                                        SampleConfig)
 from pipeline.core.plan.run import ModelSection, RunConfig, from_recipe_dict, load_recipe
 from pipeline.core.plan.stage import (EDMObjective, EMAConfig, InitConfig, RectifiedFlowObjective, ScheduleConfig,
                                       StageBatch, StageCheckpoint, StageConfig, StageData, StageOptim,
                                       StageSampling, stage_config)
 
 __all__ = [
+    "DiffusersConfig",
     "DownloadConfig",
     "EDMObjective",
     "EMAConfig",
     "EncodersConfig",
     "EvalConfig",
     "GenerateConfig",
+    "GenEvalConfig",
     "InitConfig",
     "ModelSection",
     "PlanError",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.core.plan.base import Section
 
@@ -38,6 +38,32 @@ class SampleConfig(GenerateConfig):
         return GenerateConfig.model_validate(self.model_dump(include=set(GenerateConfig.model_fields)))
 
 
+class GenEvalConfig(Section):
+    """GenEval (pipeline/evaluate/geneval/): its prompts drawn `images_per_prompt` times (image j of every prompt with
+    seed `seed + j`), Mask2Former detections, the CLIP colour check, the protocol's verdicts and tag scores."""
+
+    enabled: bool = False
+    images_per_prompt: int = Field(4, ge=1)
+    seed: int = 42  # GenEval's generation script seeds 42 for every prompt
+    per_tag: int | None = Field(None, ge=1)  # a smoke run: the first N prompts of each of the six tags
+    prompts: list[int] | None = None  # or these prompt indices (lines of the metadata file)
+    metadata: str | None = None  # a metadata file in GenEval's format; None: the one shipped with microdit
+    steps: int | None = Field(None, ge=1)  # None: the export's sampler default
+    guidance: float | None = Field(None, ge=0)
+    resolution: int | None = Field(None, ge=1)  # None: the model's own
+    draw_batch_size: int = Field(16, ge=1)
+    detect_batch_size: int = Field(8, ge=1)
+    colour_batch_size: int = Field(16, ge=1)
+    detector: str = "facebook/mask2former-swin-small-coco-instance"  # or a local folder, or tiny-mask2former
+    colour_model: str = "ViT-L-14/openai"  # open_clip architecture/pretrained, an hf-hub: repo, or tiny-clip
+
+    @model_validator(mode="after")
+    def _one_subset(self):
+        if self.per_tag is not None and self.prompts is not None:
+            raise ValueError("geneval: give per_tag or prompts, not both")
+        return self
+
+
 class EvalConfig(Section):
     """What to measure and by which protocol (pipeline/evaluate/evaluate.py explains each)."""
 
@@ -60,7 +86,16 @@ class EvalConfig(Section):
     demo_prompts: list[str] | None = None  # None: every demo combination
     demo_seeds: int = Field(1, ge=1)  # images per demo prompt
     demo_resolution: int | None = Field(None, ge=1)  # None: the model's own
+    geneval: GenEvalConfig = Field(default_factory=GenEvalConfig)
     device: str = "auto"
+
+
+class DiffusersConfig(Section):
+    """The run's model as a diffusers folder (pipeline/export/diffusers_folder.py) under {root}/diffusers, written
+    after evaluate so its model card carries the metrics and the sample grid."""
+
+    stage: str | None = None  # whose export (None: the sampled stage, the last by default)
+    use_ema: bool = True
 
 
 class ReportConfig(Section):

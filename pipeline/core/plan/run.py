@@ -21,12 +21,12 @@ from pipeline.core import storage
 from pipeline.core.progress import DEFAULT_EVERY
 from pipeline.core.plan.base import PlanError, Section, apply_override, load_yaml, validate
 from pipeline.core.plan.data import DownloadConfig, EncodersConfig, PrecomputeConfig, SourceConfig
-from pipeline.core.plan.outputs import EvalConfig, ReportConfig, SampleConfig
+from pipeline.core.plan.outputs import DiffusersConfig, EvalConfig, ReportConfig, SampleConfig
 from pipeline.core.plan.stage import StageConfig
 
 # The pipeline's steps in run order ("train": every stage of the plan, by its name); the flow, the cache keys
 # (flows/caching.py) and `force` read this list.
-STEPS = ("download", "precompute", "train", "sample", "evaluate", "report")
+STEPS = ("download", "precompute", "train", "sample", "evaluate", "diffusers", "report")
 RESERVED_NAMES = {*STEPS, "all"}  # what a stage may not be called: `force` takes step and stage names alike
 
 
@@ -57,6 +57,7 @@ class RunConfig(Section):
     stages: list[StageConfig] = Field(min_length=1)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvalConfig | None = None
+    diffusers: DiffusersConfig | None = None  # None: no diffusers folder
     report: ReportConfig = Field(default_factory=ReportConfig)
     # Seconds between progress records of a running step (Prefect artifacts, log lines); its last always goes out.
     progress_every: float = Field(DEFAULT_EVERY, ge=0)
@@ -91,13 +92,17 @@ class RunConfig(Section):
             raise ValueError(f"sources need unique names; got {sources}")
         if self.sample.stage is not None and self.sample.stage not in names:
             raise ValueError(f"sample.stage={self.sample.stage!r} is not a stage of this recipe {names}")
+        if self.diffusers is not None and self.diffusers.stage is not None and self.diffusers.stage not in names:
+            raise ValueError(f"diffusers.stage={self.diffusers.stage!r} is not a stage of this recipe {names}")
         if not self.sample.prompts:
             raise ValueError("sample.prompts is empty: the sample grid needs at least one prompt")
         return self
 
     def step_order(self) -> list[str]:
-        """This run's steps in order: STEPS with "train" as the stage names, evaluate only when configured."""
-        names = {"train": [s.name for s in self.stages], "evaluate": ["evaluate"] if self.evaluate else []}
+        """This run's steps in order: STEPS with "train" as the stage names, evaluate and diffusers only when
+        configured."""
+        names = {"train": [s.name for s in self.stages], "evaluate": ["evaluate"] if self.evaluate else [],
+                 "diffusers": ["diffusers"] if self.diffusers else []}
         return [name for step in STEPS for name in names.get(step, [step])]
 
     def stage(self, name: str) -> StageConfig:
