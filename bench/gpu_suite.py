@@ -40,8 +40,6 @@ from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Dense bf16 peak per card (no sparsity), looked up by a substring of the device name; first match wins.
-PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 MICRO_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 DEBUG_MICRO_CANDIDATES = (4, 2)
 
@@ -53,6 +51,7 @@ DEBUG_LIMITS = {k: 180 for k in GPU_LIMITS} | {"ray/stage": 360}  # loaded share
 TOTAL_BUDGET_S = 480
 
 from bench.encoder_configs import DFN5B_TEXT_CONFIG, SDXL_VAE_CONFIG  # noqa: E402
+from pipeline.planner.clusters import peak_by_device_name  # noqa: E402
 # DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers config.json, as diffusers' conversion script
 # writes it for that checkpoint; written from that script, not read from the hub: check it against the hub's
 # config.json before quoting DC-AE figures). Encode only is timed.
@@ -79,13 +78,10 @@ LLAMA_3_2_1B_CONFIG = dict(hidden_size=2048, num_hidden_layers=16, num_attention
 # ---------------------------------------------------------------- arithmetic (unit-tested without a GPU)
 
 def peak_flops(device_name: str | None, override: float | None = None) -> float | None:
-    """Dense bf16 peak FLOP/s of the card by name (H100/H200 989e12, A100 312e12); `override` wins; else None."""
+    """Dense bf16 peak FLOP/s of the card by name (pipeline/planner/clusters.py); `override` wins; else None."""
     if override:
         return float(override)
-    for key, value in PEAK_BF16:
-        if device_name and key in device_name:
-            return value
-    return None
+    return peak_by_device_name(device_name)
 
 
 def mfu(samples_per_s: float, flops_per_sample: float, peak: float | None) -> float | None:

@@ -6,6 +6,7 @@ and `microdit --help` then start in a fraction of a second instead of importing 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,21 @@ def cmd_generate(args) -> int:
     print("\n".join(generate(args.weights, args.prompts_file or args.prompt, args.out, cfg, args.vae,
                              args.text_encoder)))
     return 0
+
+
+def cmd_plan(args) -> int:
+    from pipeline.planner.clusters import parse_cluster  # this command's own (torch, the families)
+    from pipeline.planner.estimate import plan_run
+    from pipeline.planner.render import markdown
+
+    run = _plan(args)
+    price = args.price if args.price is not None else run.report.price_per_gpu_hour
+    plan = plan_run(run, parse_cluster(args.cluster, args.peak_tflops, args.gpu_memory), price, args.mfu,
+                    args.images, recipe=args.recipe, mfu_basis=args.mfu_basis)
+    print(markdown(plan), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=2))
+    return 0 if not plan.warnings else 3
 
 
 def cmd_evaluate(args) -> int:
@@ -309,6 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="images from a stage's export (no stack needed)")
     generate_args(gen)
     gen.set_defaults(fn=cmd_generate)
+
+    plan = sub.add_parser("plan", help="predict time, memory, storage and cost of a recipe on a named cluster, "
+                                       "before renting it (exit 3 when a stage does not fit)")
+    plan.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    plan.add_argument("--cluster", default="8xH100", help="COUNTxKIND: H100, H200, A100, MI300X, L40S, A10")
+    plan.add_argument("--price", type=float, default=None, help="dollars per GPU-hour (default: the recipe's report "
+                                                                  "price)")
+    plan.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default: the GPU "
+                                                               "suite's for that GPU, else the MicroDiT paper's)")
+    plan.add_argument("--mfu-basis", default="executed",
+                      help="which FLOPs --mfu counts: 'executed', those the network runs (default; what training "
+                           "reports), or '6nd', 6 x all parameters x kept tokens (the paper's run is ~34%% in it)")
+    plan.add_argument("--peak-tflops", type=float, default=None, help="another GPU: its dense bf16 TFLOP/s")
+    plan.add_argument("--gpu-memory", type=float, default=None, help="another GPU: its memory in GiB")
+    plan.add_argument("--images", type=int, default=None, help="size storage for this many images")
+    plan.add_argument("--json", default=None, help="also write the plan as JSON here")
+    plan.set_defaults(fn=cmd_plan)
 
     ev = sub.add_parser("evaluate", help="measure an export or a diffusers folder: GenEval, the demo metric "
                                          "(no stack needed; FID on COCO runs in the flow's evaluate step)")

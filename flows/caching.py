@@ -65,7 +65,8 @@ class _Tree:
 
     def __init__(self, root: Path):
         self.root = root
-        self._imports: dict[str, set[str]] = {}  # per tree, so a fresh tree always rereads the sources
+        # (eager, lazy) imports per module, per tree: a fresh tree always rereads the sources
+        self._imports: dict[str, tuple[set[str], set[str]]] = {}
 
     def path(self, module: str) -> Path | None:
         """The module's source file; None for a namespace package (a folder without __init__.py)."""
@@ -89,18 +90,21 @@ class _Tree:
             names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
         return names
 
-    def imports(self, module: str) -> set[str]:
-        """Our modules that `module` imports anywhere in its source (absolute, relative, submodule-by-name)."""
+    def imports(self, module: str, lazy: bool = True) -> set[str]:
+        """Our modules that `module` imports anywhere in its source (absolute, relative, submodule-by-name), and with
+        `lazy` those its registries name ("module:attribute" strings, imported on first use)."""
         if module not in self._imports:
             self._imports[module] = self._parse(module)
-        return self._imports[module]
+        eager, named = self._imports[module]
+        return eager | named if lazy else eager
 
-    def _parse(self, module: str) -> set[str]:
+    def _parse(self, module: str) -> tuple[set[str], set[str]]:
         path = self.path(module)
         if path is None:
-            return set()
+            return set(), set()
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         found: set[str] = set()
+        named: set[str] = set()
         for node in ast.walk(_parse(path)):
             if isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
@@ -115,8 +119,9 @@ class _Tree:
                 found.update(f"{base}.{a.name}" for a in node.names
                              if a.name != "*" and self.exists(f"{base}.{a.name}"))
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and LAZY_SPEC.fullmatch(node.value):
-                found.add(node.value.split(":")[0])  # a registry's "module:attribute", imported on first use
-        return {m for m in found if m.split(".")[0] in PACKAGES and self.exists(m)}
+                named.add(node.value.split(":")[0])  # a registry's "module:attribute", imported on first use
+        ours = [{m for m in ms if m.split(".")[0] in PACKAGES and self.exists(m)} for ms in (found, named)]
+        return ours[0], ours[1] - ours[0]
 
 
 def _parse(path: Path) -> ast.Module:
@@ -155,12 +160,13 @@ def _closure(tree: _Tree, step: str) -> list[str]:
     return sorted(seen)
 
 
-def import_graph(root: str | Path | None = None) -> dict[str, set[str]]:
-    """module -> our modules it imports (anywhere in its source), for every module of our packages."""
+def import_graph(root: str | Path | None = None, lazy: bool = True) -> dict[str, set[str]]:
+    """module -> our modules it imports (anywhere in its source; with `lazy`, also those its registries name), for
+    every module of our packages."""
     tree = _Tree(_root(root))
     modules = [m for pkg in PACKAGES for m in tree.package_modules(pkg)]
     with _LOCK:
-        return {m: tree.imports(m) - {m} for m in modules}
+        return {m: tree.imports(m, lazy) - {m} for m in modules}
 
 
 def _root(root: str | Path | None) -> Path:

@@ -136,6 +136,8 @@ def _full_run(cfg: RunConfig, forced: set[str], log) -> dict[str, str]:
              ray_address_of(cfg) or "a new local head", sorted(forced) or "none")
 
     out = {"config": paths.config}
+    if cfg.estimate.enabled:  # the forecast first: what this run should take on `estimate.cluster`
+        out["estimate"] = tasks.estimate_task(cfg)
     latents = download_and_precompute(cfg, forced)
     out.update({f"latents/{k}": v for k, v in latents.items()})
     export = None
@@ -150,7 +152,7 @@ def _full_run(cfg: RunConfig, forced: set[str], log) -> dict[str, str]:
         out["diffusers"] = run_step(tasks.diffusers_task, "diffusers", forced, [paths.diffusers], export_uri=chosen,
                                     out_uri=paths.diffusers, diffusers=cfg.diffusers, code=code_version("diffusers"),
                                     upstream=[v for k, v in out.items() if k in ("sample_grid", "metrics")])
-    upstream = [v for k, v in out.items() if k != "config"]
+    upstream = [v for k, v in out.items() if k not in ("config", "estimate")]
     out["report"] = run_step(tasks.report_task, "report", forced, [paths.report_dir], root=cfg.storage,
                              report=cfg.report, upstream=upstream, code=code_version("report"))
     for key, uri in out.items():

@@ -18,6 +18,7 @@ from pipeline.core.progress import DEFAULT_EVERY, Progress, Sink, Throttle
 
 PREFIX = "[progress] "  # what `microdit run` and `microdit status` look for in a run's logs
 REPORT_KEY = "microdit-report"  # the report's Markdown artifact: keyed, so the UI's Artifacts page keeps its history
+PLAN_KEY = "microdit-plan"  # the forecast made at the start of the run
 MAX_INLINE_IMAGE = 2 * 2**20  # bytes: a bigger grid is linked by its path, not embedded in the artifact
 
 
@@ -89,6 +90,16 @@ def report_artifacts(folder: str, report_uri: str) -> None:
             create_table_artifact(stage_table(storage.read_json(stats_uri)), description="stages of the run report")
     except Exception as e:  # as for progress: the artifact is a view; report.md is the record
         logging.getLogger(__name__).warning("report artifacts not written: %s", e)
+
+
+def plan_artifact(md: str, uri: str) -> None:
+    """The run's forecast (pipeline/planner/) as a Markdown artifact on the flow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(md, key=PLAN_KEY, description=f"forecast before the run ({uri})")
+    except Exception as e:  # as for progress: the artifact is a view; estimate.json is the record
+        logging.getLogger(__name__).warning("plan artifact not written: %s", e)
 
 
 def inline_images(md: str, folder: str) -> str:

@@ -16,11 +16,12 @@ import os
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.progress_sinks import report_artifacts, task_sink
+from flows.progress_sinks import plan_artifact, report_artifacts, task_sink
 from pipeline.core.layout import Layout
 from pipeline.core.progress import DEFAULT_EVERY
 from pipeline.core.plan import (DiffusersConfig, DownloadConfig, EncodersConfig, EvalConfig, GenerateConfig,
-                                ModelSection, PrecomputeConfig, PlanError, ReportConfig, SourceConfig, StageConfig)
+                                ModelSection, PrecomputeConfig, PlanError, ReportConfig, RunConfig, SourceConfig,
+                                StageConfig)
 
 # Each task imports its step when it runs: the deployment server (`microdit up`, flows/serve.py) imports this module
 # and then waits, and a step's modules bring torch, Ray Data or the encoders with them.
@@ -111,6 +112,17 @@ def evaluate_task(weights_uri: str, root: str, evaluate: EvalConfig, code: str,
 
     run_evaluate(weights_uri, root, evaluate, progress=task_sink(progress_every))
     return Layout(root).metrics
+
+
+@task(name="estimate", task_run_name="estimate")
+def estimate_task(plan: RunConfig) -> str:
+    """The run's forecast (pipeline/planner/: time, memory, data, cost on `estimate.cluster`), written under
+    {root}/estimate/ and shown on the flow run page. Not cached: it is a few seconds of shape arithmetic."""
+    from pipeline.planner.estimate import write_estimate
+
+    uri, md = write_estimate(plan)
+    plan_artifact(md, uri)
+    return uri
 
 
 @task(name="diffusers", task_run_name="diffusers", **_STEP)

@@ -10,6 +10,7 @@ import os
 from model import family as families
 from pipeline.core.plan import PlanError, RunConfig, load_recipe
 from pipeline.data import sources
+from pipeline.planner.clusters import parse_cluster
 
 
 def check_run(cfg: RunConfig, where: str = "recipe") -> RunConfig:
@@ -28,6 +29,10 @@ def check_run(cfg: RunConfig, where: str = "recipe") -> RunConfig:
     if repa and cfg.encoders.repa is None:  # precompute would write no features for them to align with
         errors.append(f"stages {repa} train with REPA (objective.repa_weight > 0) but encoders.repa is not set: "
                       "name the feature encoder (e.g. dinov2-base) so precompute writes repa_features")
+    try:
+        parse_cluster(cfg.estimate.cluster)
+    except ValueError as e:
+        errors.append(f"estimate.cluster: {e}")
     for src in cfg.sources:
         try:
             sources.get(src.kind).build(src.options)

@@ -50,6 +50,11 @@ def test_killed_run_resumes_the_interrupted_stage(tiny_flow):
     card = (folder / "README.md").read_text()
     assert "| stage1 |" in card and "geneval" in card and "![samples](samples.png)" in card
     assert (folder / "samples.png").is_file()
+    # the forecast made before the run (pipeline/planner/), set beside what it measured in the report
+    assert states["estimate"] == "Completed"
+    forecast = json.loads((tiny_flow["root"] / "estimate" / "estimate.json").read_text())
+    assert [s["name"] for s in forecast["stages"]] == list(STAGES) and forecast["cluster"].startswith("8 x H100")
+    assert "## Planned and measured" in report and "| stage1 |" in report.split("## Planned and measured")[1]
     saved = json.loads((tiny_flow["root"] / "config.json").read_text())
     assert saved["stages"][0]["steps"] == STAGE1_STEPS and saved["storage"] == str(tiny_flow["root"])
 

@@ -235,3 +235,30 @@ def test_cli_evaluate_geneval_prints_the_tag_table(export, tmp_path, capsys):
     metrics = json.load(open(tmp_path / "run" / "eval" / "metrics.json"))
     assert metrics["geneval"]["images"] == 6 and metrics["geneval"]["family"] == "microdit"
     assert main(["evaluate", export, str(tmp_path / "none")]) == 2  # nothing asked for
+
+
+def test_agreement_with_the_official_evaluator_matches_images_by_their_place(tmp_path, capsys):
+    """bench/geneval_agreement.py pairs our rows with GenEval's own (`filename`, another root) by prompt folder and
+    sample, and reports the verdicts' agreement and both sides' tag scores over the images both scored."""
+    from bench.geneval_agreement import main
+
+    def rows(root, field, verdicts):
+        return "".join(json.dumps({field: f"{root}/{i:05d}/samples/{j:05d}.png", "tag": tag, "correct": ok,
+                                   "reason": "" if ok else "no"}) + "\n"
+                       for (i, j, tag), ok in verdicts.items())
+
+    ours = {(0, 0, "single_object"): True, (0, 1, "single_object"): True, (1, 0, "counting"): False}
+    official = {**ours, (0, 1, "single_object"): False, (2, 0, "colors"): True}
+    (tmp_path / "ours.jsonl").write_text(rows("/runs/r/eval/geneval/k/images", "image", ours))
+    (tmp_path / "official.jsonl").write_text(rows("/gpu/images", "filename", official))
+    assert main([str(tmp_path / "ours.jsonl"), str(tmp_path / "official.jsonl"), "--json",
+                 str(tmp_path / "cmp.json")]) == 0
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert result["images"] == 3 and result["only_official"] == 1 and result["agreement"] == pytest.approx(2 / 3)
+    assert result["ours"]["tags"]["single_object"]["score"] == 1.0
+    assert result["official"]["tags"]["single_object"]["score"] == 0.5
+    assert [d["image"] for d in result["differing"]] == ["00000/00001.png"]
+    assert "| single_object | 1.000 | 0.500 |" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"file": "x"}) + "\n")
+    assert main([str(tmp_path / "ours.jsonl"), str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err

@@ -147,6 +147,14 @@ def load_dino(spec: str, device="cpu", dtype: torch.dtype = torch.float32) -> Di
     return DinoEncoder(model, device, dtype, size, mean, std)
 
 
+HUB_WIDTHS = {DINOV2_BASE: 768}  # DINOv2-B's hidden size: what the planner needs without downloading its config
+
+
+def feature_width(spec: str) -> int:
+    """The width of a spec's features: known for the hub's DINOv2-B, else from its config (feature_shape)."""
+    return HUB_WIDTHS.get(ALIASES.get(str(spec), str(spec))) or feature_shape(spec)[1]
+
+
 def feature_shape(spec: str) -> tuple[int, int]:
     """(tokens, width) of a spec's features, from configs only (no weights are loaded)."""
     if spec == TINY:

@@ -1,6 +1,7 @@
 """The one place that knows every path and completion marker under a run's storage root (local or s3://).
 
     {root}/config.json                       the validated run plan
+    {root}/estimate/                         the planner's forecast: estimate.json, estimate.md
     {root}/_lease.json                       the live run's lease (pipeline/core/lease.py)
     {root}/data/urls/{source}.parquet        URL lists made by the source adapters
     {root}/data/raw/{source}/                files served by the synthetic demo source
@@ -54,6 +55,10 @@ class Layout:
     @property
     def config(self) -> str:
         return self.uri("config.json")
+
+    @property
+    def estimate(self) -> str:
+        return self.uri("estimate", "estimate.json")
 
     def url_list(self, source: str) -> str:
         return self.uri("data", "urls", f"{source}.parquet")

@@ -25,6 +25,7 @@ from pipeline.core import storage
 from pipeline.core.layout import METRICS, Layout
 from pipeline.core.plan import ReportConfig
 from pipeline.evaluate.geneval.scores import tag_table
+from pipeline.planner.render import beside_measured
 
 # Stretching Each Dollar (arXiv 2407.15811), Table / abstract figures.
 PAPER = {"fid_22m_real": 12.72, "fid_37m": 12.66, "geneval": 0.46, "cost_usd": 1890.0, "price_per_gpu_hour": 3.75,
@@ -202,7 +203,8 @@ def build_report(root_uri: str, cfg: ReportConfig | None = None) -> str:
 
     if cfg.title is None:
         cfg = cfg.model_copy(update={"title": f"{_family_title(family)} run report"})
-    md = _markdown(cfg, stages, stats, totals, metrics, grids)
+    estimate = storage.read_json(paths.estimate) if storage.exists(paths.estimate) else None
+    md = _markdown(cfg, stages, stats, totals, metrics, grids, estimate)
     storage.write_json(storage.join(report, "stats.json"), {"stages": stats, "totals": totals, "metrics": metrics,
                                                             "price_per_gpu_hour": cfg.price_per_gpu_hour,
                                                             "paper": PAPER})
@@ -226,7 +228,7 @@ def _last_png(root: str, stage: str) -> str | None:
     return files[-1] if files else None
 
 
-def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
+def _markdown(cfg, stages, stats, totals, metrics, grids, estimate=None) -> str:
     price = cfg.price_per_gpu_hour
     work = (f"{totals['hours']:,.2f} h of training, {totals['steps']:,} steps, {totals['samples']:,} samples, "
             f"{_fmt(totals['samples_per_s'], ',.1f')} samples/s")
@@ -251,6 +253,8 @@ def _markdown(cfg, stages, stats, totals, metrics, grids) -> str:
                      f"{_fmt(s['samples'], ',')} | {s['hours']:.3f} | {devices} | {used} | "
                      f"{s['cost_usd']:.2f} | {_fmt(s['samples_per_s'], ',.1f')} | {_fmt(s['mfu'], '.1%')} | "
                      f"{_fmt(s['input_wait'], '.0%')} | {s['first_loss']:.4f} | {s['final_loss']:.4f} |")
+    if estimate:  # the forecast made at the start of the run (pipeline/planner/)
+        lines += ["", "## Planned and measured", ""] + beside_measured(estimate, stats)
     lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", "", "## Metrics", ""]
     rows = _metrics_rows(metrics)
     if rows:

@@ -22,11 +22,10 @@ import torch
 from pipeline.core import storage
 from pipeline.core.layout import METRICS
 from pipeline.core.progress import Reporter, Sink
+from pipeline.planner.clusters import peak_by_device_name
 
 log = logging.getLogger("microdit.train")
 
-# Dense bf16 peak per device (no sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def peak_flops(override: float | None) -> float | None:
@@ -35,11 +34,7 @@ def peak_flops(override: float | None) -> float | None:
         return float(override)
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_by_device_name(torch.cuda.get_device_name())  # the planner's table of GPU kinds
 
 
 def memory_gb() -> dict[str, float]:

@@ -25,6 +25,7 @@ from pipeline.train.data import (build_datasets, candidate_sources, dataset_name
                                  mixture_weights, unconditional)
 from pipeline.train.inputs import check_repa_features, check_sources
 from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.network import repa_target, stage_model_config, uses_repa
 from pipeline.train.process_group import BoundTorchConfig
 from pipeline.train.worker_plan import ExportSection, SamplerSection, StartFrom, WorkerPlan
 
@@ -42,30 +43,6 @@ def export_uri(root: str, name: str) -> str:
 def is_done(root: str, name: str) -> bool:
     """True when the stage's export is complete (its marker is written last)."""
     return layout.is_complete(export_uri(root, name))
-
-
-def stage_model_config(model: ModelSection, stage: StageConfig, latent_shape, caption_shape):
-    """(family, network config) for this stage: the preset with the recipe's overrides, fitted to the data
-    (latent side) and to the stage (positions scaled by resolution / base_resolution)."""
-    fam = families.get(model.family)
-    base = fam.config(model.preset, **model.overrides())
-    cfg = fam.fit(base, latent_shape, caption_shape, stage.pos_interp_scale)
-    if uses_repa(stage):  # the training-only projector exists only in stages that align with REPA features
-        if not hasattr(cfg, "repa"):
-            raise ValueError(f"stage {stage.name!r}: objective.repa_weight > 0, but the {fam.name} network has no "
-                             "REPA projector")
-        cfg = dataclasses.replace(cfg, repa=True)
-    return fam, cfg
-
-
-def uses_repa(stage: StageConfig) -> bool:
-    """True when the stage's objective aligns the network with REPA features (repa_weight > 0)."""
-    return getattr(stage.objective, "repa_weight", 0) > 0
-
-
-def repa_target(model_cfg) -> tuple[int, int]:
-    """(tokens, width) the REPA features must have: the network's group-1 image tokens x projector output."""
-    return model_cfg.num_patches, model_cfg.repa_dim
 
 
 def check_objective_inputs(stage: StageConfig, fam, latents: Mapping[str, str], model_cfg=None,

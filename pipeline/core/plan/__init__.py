@@ -1,8 +1,8 @@
 """The typed run plan (pydantic, strict): validated once from a recipe, then passed as is across Prefect and Ray."""
 from pipeline.core.plan.base import PlanError, Section, apply_override, load_yaml, parse_yaml, validate
 from pipeline.core.plan.data import DownloadConfig, EncodersConfig, PrecomputeConfig, SourceConfig
-from pipeline.core.plan.outputs import (DiffusersConfig, EvalConfig, GenerateConfig, GenEvalConfig, ReportConfig,
-                                        SampleConfig)
+from pipeline.core.plan.outputs import (DiffusersConfig, EstimateConfig, EvalConfig, GenerateConfig, GenEvalConfig,
+                                        ReportConfig, SampleConfig)
 from pipeline.core.plan.run import ModelSection, RunConfig, from_recipe_dict, load_recipe
 from pipeline.core.plan.stage import (EDMObjective, EMAConfig, InitConfig, RectifiedFlowObjective, ScheduleConfig,
                                       StageBatch, StageCheckpoint, StageConfig, StageData, StageOptim,
@@ -14,6 +14,7 @@ __all__ = [
     "EDMObjective",
     "EMAConfig",
     "EncodersConfig",
+    "EstimateConfig",
     "EvalConfig",
     "GenerateConfig",
     "GenEvalConfig",

@@ -98,6 +98,17 @@ class DiffusersConfig(Section):
     use_ema: bool = True
 
 
+class EstimateConfig(Section):
+    """The plan's forecast (pipeline/planner/) written at the start of every run and set beside what it measured:
+    the cluster it is priced on, the MFU assumed (None: the GPU suite's figure for that GPU, else the MicroDiT
+    paper's), the image count storage is sized for. Price: report.price_per_gpu_hour."""
+
+    enabled: bool = True
+    cluster: str = "8xH100"  # COUNTxKIND (pipeline/planner/clusters.py)
+    mfu: float | None = Field(None, gt=0, le=1)
+    images: int | None = Field(None, ge=1)
+
+
 class ReportConfig(Section):
     """Report settings: GPU price, stage order (None: the run's), title (None: from the family), HTML copy."""
 

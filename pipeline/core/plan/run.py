@@ -21,7 +21,7 @@ from pipeline.core import storage
 from pipeline.core.progress import DEFAULT_EVERY
 from pipeline.core.plan.base import PlanError, Section, apply_override, load_yaml, validate
 from pipeline.core.plan.data import DownloadConfig, EncodersConfig, PrecomputeConfig, SourceConfig
-from pipeline.core.plan.outputs import DiffusersConfig, EvalConfig, ReportConfig, SampleConfig
+from pipeline.core.plan.outputs import DiffusersConfig, EstimateConfig, EvalConfig, ReportConfig, SampleConfig
 from pipeline.core.plan.stage import StageConfig
 
 # The pipeline's steps in run order ("train": every stage of the plan, by its name); the flow, the cache keys
@@ -58,6 +58,7 @@ class RunConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvalConfig | None = None
     diffusers: DiffusersConfig | None = None  # None: no diffusers folder
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     # Seconds between progress records of a running step (Prefect artifacts, log lines); its last always goes out.
     progress_every: float = Field(DEFAULT_EVERY, ge=0)
