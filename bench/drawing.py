@@ -149,7 +149,9 @@ def _random_export(folder: str, preset: str) -> str:
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     for name in ("model.safetensors", "ema.safetensors"):
         save_file(state, os.path.join(folder, name))
-    encoders = ({"vae": "standin", "text": "tiny"} if family == "microdit" else
+    # The tiny CLIP tower is 64 wide; a wider MicroDiT (Tiny_2: DFN5B's 1024) gets a one-layer tower of its width.
+    text = "tiny" if cfg.caption_dim == 64 else write_wide_text_tower(os.path.join(folder, "text"), cfg.caption_dim)
+    encoders = ({"vae": "standin", "text": text} if family == "microdit" else
                 {"vae": "tiny-dcae", "text": "tiny-llama", "text_mode": "release"})
     objective = {"kind": "edm"} if family == "microdit" else {"kind": "rectified_flow"}
     config = {"family": family, "model": fam.config_to_dict(cfg), "objective": objective, "encoders": encoders,

@@ -46,9 +46,10 @@ class Step:
     upstream: tuple[str, ...] = ()
 
 
-# What each step's task calls, and the steps it reads from: download -> precompute -> train (every stage) ->
-# sample, evaluate -> diffusers (its model card shows both) -> report.
+# What each step's task calls, and the steps it reads from: estimate (the plan alone); download -> precompute ->
+# train (every stage) -> sample, evaluate -> diffusers (its model card shows both) -> report.
 _GRAPH = {
+    "estimate": Step(("pipeline.planner.estimate",)),
     "download": Step(("pipeline.data.download", "pipeline.data.sources.*")),
     "precompute": Step(("pipeline.data.precompute",), upstream=("download",)),
     "train": Step(("pipeline.train.stage",), upstream=("precompute",)),

@@ -137,7 +137,8 @@ def _full_run(cfg: RunConfig, forced: set[str], log) -> dict[str, str]:
 
     out = {"config": paths.config}
     if cfg.estimate.enabled:  # the forecast first: what this run should take on `estimate.cluster`
-        out["estimate"] = tasks.estimate_task(cfg)
+        out["estimate"] = run_step(tasks.estimate_task, "estimate", forced, [paths.estimate_dir], plan=cfg,
+                                   code=code_version("estimate"))
     latents = download_and_precompute(cfg, forced)
     out.update({f"latents/{k}": v for k, v in latents.items()})
     export = None

@@ -114,10 +114,10 @@ def evaluate_task(weights_uri: str, root: str, evaluate: EvalConfig, code: str,
     return Layout(root).metrics
 
 
-@task(name="estimate", task_run_name="estimate")
-def estimate_task(plan: RunConfig) -> str:
+@task(name="estimate", task_run_name="estimate", **_STEP)
+def estimate_task(plan: RunConfig, code: str) -> str:
     """The run's forecast (pipeline/planner/: time, memory, data, cost on `estimate.cluster`), written under
-    {root}/estimate/ and shown on the flow run page. Not cached: it is a few seconds of shape arithmetic."""
+    {root}/estimate/ and shown on the flow run page (the artifact's key keeps the latest when a rerun is cached)."""
     from pipeline.planner.estimate import write_estimate
 
     uri, md = write_estimate(plan)

@@ -201,6 +201,7 @@ def test_worker_load_path_refuses(copy, gloo):
 def test_key_file_is_created_private_and_reused(tmp_path, monkeypatch):
     monkeypatch.delenv(signing.KEY_ENV)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setattr(signing, "_ray_job_kv_name", lambda: None)  # as outside Ray (this worker may be a driver)
     key = signing.checkpoint_key()
     path = tmp_path / "microdit" / "checkpoint.key"
     assert path.read_text().strip() == key and len(key) == 64

@@ -28,7 +28,8 @@ STEPS = 3
 CLEAN_LOAD = textwrap.dedent("""
     import importlib.util, json, sys
     repo = sys.argv[3]
-    sys.path = [p for p in sys.path if p not in ("", repo) and not p.startswith(repo + "/")]
+    inside = lambda p: p.startswith(repo + "/") and not p.startswith(sys.prefix)  # a venv may live in the repo
+    sys.path = [p for p in sys.path if p not in ("", repo) and not inside(p)]
     sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # pip install -e finders
     found = [m for m in ("model", "pipeline", "flows", "cli") if importlib.util.find_spec(m) is not None]
     assert not found, f"microdit is importable: {found}"

@@ -157,11 +157,11 @@ def test_layout_owns_the_paths(tmp_path):
 def test_force_reruns_the_step_and_everything_after(tmp_path):
     cfg = load_run(TINY, storage_base=str(tmp_path))
     order = cfg.step_order()
-    assert order == ["download", "precompute", "stage1", "stage2", "stage3", "stage4", "sample", "evaluate",
-                     "report"]
+    assert order == ["estimate", "download", "precompute", "stage1", "stage2", "stage3", "stage4", "sample",
+                     "evaluate", "report"]
     assert expand_force(cfg, []) == set()
     assert expand_force(cfg, ["stage3"]) == {"stage3", "stage4", "sample", "evaluate", "report"}
-    assert expand_force(cfg, ["sample", "stage2"]) == set(order[3:])
+    assert expand_force(cfg, ["sample", "stage2"]) == set(order[4:])
     assert expand_force(cfg, ["all"]) == set(order)
     with pytest.raises(ValueError, match="stage9"):
         expand_force(cfg, ["stage9"])

@@ -3,6 +3,7 @@ direct measurements at other sizes, the paper's run, a stage that cannot fit, ba
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -158,3 +159,27 @@ def test_a_gpu_given_by_its_numbers():
     cluster = parse_cluster("4xB200", peak_tflops=2250, memory_gib=180)
     assert (cluster.gpus, cluster.gpu.peak_bf16, cluster.gpu.memory_gib) == (4, 2250e12, 180)
     assert parse_cluster("2xh100").gpu is GPUS["H100"]
+
+
+def test_an_mfu_the_gpu_suite_measured_is_used_and_named(tmp_path, monkeypatch):
+    """A GPU-suite report for that GPU kind (bench/results/<run>/gpu_suite.json) sets the MFU; the newest wins, a
+    debug (CPU) run or another GPU does not count."""
+    from pipeline.planner import estimate
+
+    def report(folder, date, device, mfu, debug=False):
+        (tmp_path / folder).mkdir()
+        parts = {"microdit/stage1_compile": {"status": "ok", "mfu": mfu}, "emmdit/512_eager": {"status": "error"}}
+        (tmp_path / folder / "gpu_suite.json").write_text(json.dumps(
+            {"environment": {"device": device, "date_utc": date, "debug": debug}, "parts": parts}))
+
+    report("old", "2026-12-01T00:00", "NVIDIA H100 80GB HBM3", 0.30)
+    report("new", "2026-12-05T00:00", "NVIDIA H100 80GB HBM3", 0.40)
+    report("cpu", "2026-12-06T00:00", "cpu", 0.90, debug=True)
+    report("a100", "2026-12-06T00:00", "NVIDIA A100-SXM4-80GB", 0.50)
+    monkeypatch.setattr(estimate, "RESULTS", str(tmp_path))
+    run = load_run("recipes/micro_budget.yaml", ["storage=/tmp/plan"])
+    plan = plan_run(run, parse_cluster("8xH100"), 3.75)
+    assert plan.mfu == 0.40 and "microdit/stage1_compile" in plan.mfu_source and "new" in plan.mfu_source
+    assert plan.totals["days"] == pytest.approx(2.6 * PAPER_MFU / 0.40, rel=0.02)
+    assert estimate.measured_mfu(GPUS["H100"].name, "emmdit", str(tmp_path)) is None  # its part failed
+    assert plan_run(run, parse_cluster("8xH100"), 3.75, 0.2).mfu_source == "given"

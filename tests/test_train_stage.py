@@ -144,7 +144,7 @@ def test_stage_trains_exports_and_skips_nonfinite_step(reference, data):
     from pipeline.generate import GenerateConfig, Generator
 
     gen = Generator(str(export), GenerateConfig(steps=1))
-    assert gen.objective.sigma_data == 0.5 and gen.provenance()["steps"] == "1"
+    assert gen.pipe.scheduler.config.sigma_data == 0.5 and gen.provenance()["steps"] == "1"
 
     rows = read_metrics(str(stage_dir))
     assert [r["skipped"] for r in rows] == [i == 4 for i in range(8)]  # step index 4 -> logged as step 5

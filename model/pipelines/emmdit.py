@@ -112,6 +112,14 @@ class EMMDiTPipeline(DiffusionPipeline):
         return encode_llama(self.tokenizer, self.text_encoder, prompts, network_config(self.transformer).caption_len,
                             self.config.text_mode, self.config.clean_caption)[0]
 
+    def _encode_negatives(self, negatives: tuple[str, ...]) -> torch.Tensor:
+        """The negative prompts' states, kept for the next call: nearly always the empty prompt, the same every
+        call of a frozen text encoder."""
+        key = (id(self.text_encoder), negatives)
+        if getattr(self, "_negatives", (None,))[0] != key:
+            self._negatives = (key, self.encode_prompt(list(negatives)))
+        return self._negatives[1]
+
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -135,7 +143,7 @@ class EMMDiTPipeline(DiffusionPipeline):
                 uncond = per_image(negative_prompt_embeds.float().to(device), cond, num_images_per_prompt)
             else:
                 negatives = as_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
-                uncond = per_image(self.encode_prompt(negatives).to(device), cond, num_images_per_prompt)
+                uncond = per_image(self._encode_negatives(tuple(negatives)).to(device), cond, num_images_per_prompt)
         side = latent_side(height, width, cfg.input_size, self.vae_scale_factor, cfg.patch_size) \
             if self.vae is not None else cfg.input_size
         x = initial_noise((len(cond), cfg.in_channels, side, side), generator, latents, device)

@@ -57,6 +57,10 @@ class Layout:
         return self.uri("config.json")
 
     @property
+    def estimate_dir(self) -> str:
+        return self.uri("estimate")
+
+    @property
     def estimate(self) -> str:
         return self.uri("estimate", "estimate.json")
 

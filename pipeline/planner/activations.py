@@ -56,8 +56,19 @@ class Saved:
         return self.outside_blocks + self.block_inputs + self.largest_block
 
 
+_MEASURED: dict[str, Saved] = {}  # a plan measures the same shapes for several stages and clusters
+
+
 def measure(family, cfg, objective_config, batch: int, unconditional_shape: tuple[int, int] | None = None) -> Saved:
-    """Saved bytes of one training loss on `batch` samples of the network `cfg` (module docstring)."""
+    """Saved bytes of one training loss on `batch` samples of the network `cfg` (module docstring); remembered per
+    process by the configs' reprs (dataclasses and pydantic models: every field)."""
+    key = repr((family.name, cfg, objective_config, batch, unconditional_shape))
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure(family, cfg, objective_config, batch, unconditional_shape)
+    return _MEASURED[key]
+
+
+def _measure(family, cfg, objective_config, batch: int, unconditional_shape: tuple[int, int] | None) -> Saved:
     with torch.device("meta"):
         net = family.build(cfg).to(torch.bfloat16)
     units = family.shard_units(net)

@@ -34,18 +34,31 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
                        "results")
 
 
-def measured_mfu(gpu_name: str, family: str) -> tuple[float, str] | None:
-    """The GPU suite's MFU for this GPU kind and family, if it measured one (`bench/results/*.json`: {"device",
-    "family", "mfu"})."""
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+# The GPU suite's parts that measure each family's training step, best first (bench/gpu_suite.py).
+SUITE_PARTS = {"microdit": ("microdit/stage1_compile", "microdit/stage1_eager"), "emmdit": ("emmdit/512_eager",)}
+
+
+def measured_mfu(gpu_name: str, family: str, results: str | None = None) -> tuple[float, str] | None:
+    """The newest MFU the GPU suite measured for this family on this GPU kind (`{results}/**/gpu_suite.json`, a run
+    on a GPU whose name holds the kind's first word, e.g. "H100"), if any."""
+    results, found = results or RESULTS, []
+    for path in glob.glob(os.path.join(results, "**", "gpu_suite.json"), recursive=True):
         try:
             with open(path, encoding="utf-8") as f:
-                result = json.load(f)
-        except (OSError, ValueError):
+                report = json.load(f)
+            env, parts = report["environment"], report["parts"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if result.get("family") == family and result.get("mfu") and gpu_name.split()[0] in str(result.get("device")):
-            return float(result["mfu"]), f"measured by the GPU suite ({os.path.basename(path)})"
-    return None
+        if env.get("debug") or gpu_name.split()[0].lower() not in str(env.get("device", "")).lower():
+            continue
+        for name in SUITE_PARTS.get(family, ()):
+            part = parts.get(name) or {}
+            if part.get("status") == "ok" and part.get("mfu"):
+                where = os.path.relpath(path, results)
+                found.append((str(env.get("date_utc", "")), float(part["mfu"]),
+                              f"measured by the GPU suite: {name} on {env['device']} ({where})"))
+                break
+    return max(found)[1:] if found else None
 
 
 def _divisors_up_to(n: int, limit: int) -> int:
@@ -156,8 +169,8 @@ def write_estimate(run: RunConfig) -> tuple[str, str]:
     """The run's forecast on its `estimate.cluster` under {root}/estimate/ (JSON and Markdown); (JSON URI, Markdown)."""
     plan = plan_run(run, parse_cluster(run.estimate.cluster), run.report.price_per_gpu_hour, run.estimate.mfu,
                     run.estimate.images)
-    uri = Layout(run.storage).estimate
+    paths = Layout(run.storage)
     md = markdown(plan)
-    storage.write_json(uri, plan.to_dict())
-    storage.write_bytes(uri.rsplit("/", 1)[0] + "/estimate.md", md.encode())
-    return uri, md
+    storage.write_bytes(storage.join(paths.estimate_dir, "estimate.md"), md.encode())
+    storage.write_json(paths.estimate, plan.to_dict())  # last: the record that the step is done
+    return paths.estimate, md

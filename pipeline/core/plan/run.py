@@ -26,7 +26,7 @@ from pipeline.core.plan.stage import StageConfig
 
 # The pipeline's steps in run order ("train": every stage of the plan, by its name); the flow, the cache keys
 # (flows/caching.py) and `force` read this list.
-STEPS = ("download", "precompute", "train", "sample", "evaluate", "diffusers", "report")
+STEPS = ("estimate", "download", "precompute", "train", "sample", "evaluate", "diffusers", "report")
 RESERVED_NAMES = {*STEPS, "all"}  # what a stage may not be called: `force` takes step and stage names alike
 
 
@@ -100,9 +100,10 @@ class RunConfig(Section):
         return self
 
     def step_order(self) -> list[str]:
-        """This run's steps in order: STEPS with "train" as the stage names, evaluate and diffusers only when
-        configured."""
+        """This run's steps in order: STEPS with "train" as the stage names, estimate, evaluate and diffusers only
+        when configured."""
         names = {"train": [s.name for s in self.stages], "evaluate": ["evaluate"] if self.evaluate else [],
+                 "estimate": ["estimate"] if self.estimate.enabled else [],
                  "diffusers": ["diffusers"] if self.diffusers else []}
         return [name for step in STEPS for name in names.get(step, [step])]
 
