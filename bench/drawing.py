@@ -160,7 +160,8 @@ def _random_export(folder: str, preset: str) -> str:
         from model.encoders import load_text_encoder
         from pipeline.core import schema
 
-        schema.write_unconditional(folder, load_text_encoder("tiny-llama", tokens=cfg.caption_len).unconditional().numpy())
+        uncond = load_text_encoder("tiny-llama", tokens=cfg.caption_len).unconditional().numpy()
+        schema.write_unconditional(folder, uncond)
         config["unconditional"] = schema.UNCONDITIONAL_FILE
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)

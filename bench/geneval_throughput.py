@@ -47,7 +47,8 @@ def _timed(fn, repeats: int) -> float:
 
 def swin_s_mask2former(folder: str) -> None:
     """A random Mask2Former shaped as facebook/mask2former-swin-small-coco-instance, saved with its processor."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
 
     names = coco_labels(object_names())
     backbone = SwinConfig(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7,

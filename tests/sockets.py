@@ -84,21 +84,28 @@ def assert_loopback_only(socks, must_include_ports=()) -> None:
 
 
 @contextlib.contextmanager
+def polling(step, every: float, join_timeout: float = 30):
+    """Call `step()` every `every` seconds on a thread while the block runs."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            step()
+            stop.wait(every)
+
+    watcher = threading.Thread(target=loop, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=join_timeout)
+
+
+@contextlib.contextmanager
 def watch_listeners(root_pid: int, every: float = 0.2):
     """Record, while the block runs, every listening socket of `root_pid`'s descendants and of this process:
     yields the growing set of (pid, command, kind, ip, port)."""
     seen: set = set()
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            seen.update(listening_sockets(descendants(root_pid) + [os.getpid()]))
-            stop.wait(every)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    try:
+    with polling(lambda: seen.update(listening_sockets(descendants(root_pid) + [os.getpid()])), every):
         yield seen
-    finally:
-        stop.set()
-        watcher.join(timeout=30)

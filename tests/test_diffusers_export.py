@@ -160,10 +160,14 @@ def test_generate_draws_from_a_diffusers_folder_and_names_a_bad_one(exports, tmp
 
     with pytest.raises(FileNotFoundError, match="has no model_index.json: not a diffusers folder"):
         check_diffusers_folder(str(plain))
-    index = json.load(open(os.path.join(folder, "model_index.json")))
-    json.dump({**index, "scheduler": ["diffusers", "KarrasHeunScheduler"]}, open(os.path.join(folder, "model_index.json"), "w"))
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(index_path, "w") as f:
+        json.dump({**index, "scheduler": ["diffusers", "KarrasHeunScheduler"]}, f)
     with pytest.raises(ValueError, match="unknown scheduler class 'KarrasHeunScheduler'"):
         Generator(folder, cfg)
-    json.dump({**index, "scheduler": ["scheduler_mine", "MyScheduler"]}, open(os.path.join(folder, "model_index.json"), "w"))
+    with open(index_path, "w") as f:
+        json.dump({**index, "scheduler": ["scheduler_mine", "MyScheduler"]}, f)
     with pytest.raises(ValueError, match=r"unknown scheduler class 'MyScheduler'.*scheduler_mine\.py"):
         Generator(folder, cfg)

@@ -51,7 +51,7 @@ def test_killed_run_resumes_the_interrupted_stage(tiny_flow):
     assert "| stage1 |" in card and "geneval" in card and "![samples](samples.png)" in card
     assert (folder / "samples.png").is_file()
     # the forecast made before the run (pipeline/planner/), set beside what it measured in the report
-    assert states["estimate"] == "Completed"
+    assert states["estimate"] == "Cached"  # made by the killed run, before its stage 1
     forecast = json.loads((tiny_flow["root"] / "estimate" / "estimate.json").read_text())
     assert [s["name"] for s in forecast["stages"]] == list(STAGES) and forecast["cluster"].startswith("8 x H100")
     assert "## Planned and measured" in report and "| stage1 |" in report.split("## Planned and measured")[1]

@@ -3,6 +3,7 @@ and wrong types fail when the recipe is read (naming the file, the key and the v
 what crosses Prefect and Ray."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -203,3 +204,6 @@ def test_the_plan_repeats_no_default():
     assert (GenerateConfig().steps, GenerateConfig().guidance) == (None, None)
     assert RunConfig.model_fields["progress_every"].default is DEFAULT_EVERY
     assert ModelSection().family is DEFAULT
+    from model.samplers.edm_heun import EDMHeunScheduler  # the drawing side takes the objective's sigma_data too
+
+    assert inspect.signature(EDMHeunScheduler.__init__).parameters["sigma_data"].default is EDMConfig.sigma_data

@@ -6,7 +6,6 @@ import contextlib
 import json
 import re
 import shutil
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.testing import faults
-from sockets import assert_loopback_only, watch_listeners
+from sockets import assert_loopback_only, polling, watch_listeners
 from test_train_helpers import tiny_stage, write_latents
 
 pytestmark = pytest.mark.slow
@@ -36,25 +35,18 @@ def watch_train_metrics(run_name: str, every: float = 1.0):
     head = next(n for n in ray.nodes() if n["Alive"] and n.get("MetricsExportPort"))
     url = f"http://{head['NodeManagerAddress']}:{head['MetricsExportPort']}/metrics"
     seen: set[str] = set()
-    stop = threading.Event()
 
-    def poll():
-        while not stop.wait(every):
-            try:
-                with urllib.request.urlopen(url, timeout=30) as r:
-                    text = r.read().decode()
-            except OSError:  # the node's exporter may still be starting
-                continue
-            seen.update(x for x in text.splitlines() if x.startswith("ray_microdit_train_")
-                        and f'ray_train_run_name="{run_name}"' in x)
+    def read():
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                text = r.read().decode()
+        except OSError:  # the node's exporter may still be starting
+            return
+        seen.update(x for x in text.splitlines() if x.startswith("ray_microdit_train_")
+                    and f'ray_train_run_name="{run_name}"' in x)
 
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    try:
+    with polling(read, every, join_timeout=60):
         yield seen
-    finally:
-        stop.set()
-        watcher.join(timeout=60)
 
 
 @pytest.fixture(scope="module")

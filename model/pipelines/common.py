@@ -23,6 +23,16 @@ def as_prompts(prompt: str | Sequence[str] | None, what: str = "prompt") -> list
     return prompts
 
 
+def conditional_states(pipe, prompt, prompt_embeds, num_images_per_prompt: int, device) -> torch.Tensor:
+    """(prompts x images per prompt, L, D) float32 caption states: `prompt` through the pipeline's `encode_prompt`,
+    or the `prompt_embeds` given (exactly one of them)."""
+    prompts = as_prompts(prompt)
+    if (prompts is None) == (prompt_embeds is None):
+        raise ValueError("give prompt or prompt_embeds, exactly one of them")
+    cond = (pipe.encode_prompt(prompts) if prompts is not None else prompt_embeds.float()).to(device)
+    return cond.repeat_interleave(num_images_per_prompt, 0)
+
+
 def per_image(negative: torch.Tensor, cond: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
     """Negative caption states (one, or one per prompt) lined up with `cond` (one row per image)."""
     if len(negative) == 1:

@@ -24,8 +24,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
 from diffusers.utils import is_bs4_available, is_ftfy_available
 
-from model.pipelines.common import (as_prompts, decode, initial_noise, latent_side, network_config, network_dtype,
-                                    per_image, vae_scale_factor)
+from model.pipelines.common import (as_prompts, conditional_states, decode, initial_noise, latent_side, network_config,
+                                    network_dtype, per_image, vae_scale_factor)
 
 TEXT_MODES = ("release", "compact")
 
@@ -132,11 +132,7 @@ class EMMDiTPipeline(DiffusionPipeline):
         cfg, device = network_config(self.transformer), self._execution_device
         steps = num_inference_steps or self.config.num_inference_steps
         guidance = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        prompts = as_prompts(prompt)
-        if (prompts is None) == (prompt_embeds is None):
-            raise ValueError("give prompt or prompt_embeds, exactly one of them")
-        cond = (self.encode_prompt(prompts) if prompts is not None else prompt_embeds.float()).to(device)
-        cond = cond.repeat_interleave(num_images_per_prompt, 0)  # (N, L, D)
+        cond = conditional_states(self, prompt, prompt_embeds, num_images_per_prompt, device)  # (N, L, D)
         use_cfg = guidance > 1.0  # as the release: guidance 1 (the distilled weights) draws conditionally
         if use_cfg:
             if negative_prompt_embeds is not None:

@@ -6,7 +6,8 @@ EDMEulerScheduler is first order and starts from sqrt(sigma_max^2 + 1)), so this
 A pipeline walks `timesteps` (2 x steps - 1 network evaluations: the second-order correction of each step
 re-evaluates at the next sigma; the last step, to sigma 0, is plain Euler) and calls the network on
 `scale_model_input(x, t)` with `t` itself as the noise conditioning (c_noise = ln(sigma) / 4); `step` turns the
-network's raw output F into the denoised estimate c_skip x + c_out F. The ODE state is kept in float64. Exported folders carry this file, bundled with the preconditioning, as their scheduler's code.
+network's raw output F into the denoised estimate c_skip x + c_out F. The ODE state is kept in float64.
+Exported folders carry this file, bundled with the preconditioning, as their scheduler's code.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from model.objectives.configs import EDMConfig
 from model.objectives.edm import precondition
 
 
@@ -43,14 +45,15 @@ class EDMHeunSchedulerOutput(BaseOutput):
 
 
 class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
-    """EDM Heun with its preconditioning (see the module docstring); `sigma_data` is the network's."""
+    """EDM Heun with its preconditioning (see the module docstring); `sigma_data` is the network's (default: the
+    objective's own, EDMConfig)."""
 
     order = 2
     config_name = "scheduler_config.json"
 
     @register_to_config
-    def __init__(self, sigma_data: float = 0.9, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 num_train_timesteps: int = 1000):
+    def __init__(self, sigma_data: float = EDMConfig.sigma_data, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, num_train_timesteps: int = 1000):
         # num_train_timesteps: only so diffusers' helpers that read it find a value; EDM trains in continuous sigma.
         self.set_timesteps(1)
 

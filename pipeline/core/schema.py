@@ -145,7 +145,8 @@ def latent_schema(resolutions: Sequence[int], latent_channels: int, downsample: 
     for r in resolutions:
         if r % downsample:
             raise ValueError(f"resolution {r} is not divisible by the autoencoder's downsample factor {downsample}")
-        fields.append(tensor_field(latent_column(r), (latent_channels, r // downsample, r // downsample), nullable=True))
+        side = r // downsample
+        fields.append(tensor_field(latent_column(r), (latent_channels, side, side), nullable=True))
         fields.append(pa.field(has_column(r), pa.bool_(), nullable=False))
     fields.append(tensor_field(CAPTION_STATES, (text_tokens, text_width)) if text_pad is None else
                   compact_tensor_field(CAPTION_STATES, (text_tokens, text_width), text_pad))

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from pipeline.core import layout, storage
 from pipeline.core.plan import DownloadConfig
 from pipeline.core.progress import Reporter, Sink
+from pipeline.data import img2dataset_child
 from pipeline.data.sources.shards import (REPORT, STATS_SUFFIX, IngestConfig, done_shards, failure_reason,
                                           is_retryable, put_file, remove_incomplete, shard_name, tar_bytes)
 from pipeline.data.sources.urls import is_text, utf8_column
@@ -51,42 +52,6 @@ log = logging.getLogger(__name__)
 # Column names img2dataset reserves for its own metadata (plus ours): never passed as extra columns.
 RESERVED = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
             "error_message", "exif", "md5", "sha256", "sha512", "row_id"}
-# Child process: img2dataset 1.47's download() with some of its module globals swapped. Its logger process only
-# prints speed stats (we log progress from the stats files), and with one process its spawn pool only adds another
-# interpreter start and import. Its resizer is replaced by our decoder and size policy, and its fetch by one with a
-# total deadline (pipeline/data/img2dataset_hooks.py says why); the Reader and writers are img2dataset's own.
-_RUNNER = """
-import ctypes, json, signal, sys
-try:  # die with the parent (PR_SET_PDEATHSIG), so a killed step leaves no download running
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
-except OSError:
-    pass
-import img2dataset
-from img2dataset.distributor import retrier
-m = sys.modules["img2dataset.main"]  # the package's `main` attribute is the CLI function, not the module
-
-class NoLogger:
-    def __init__(self, *args, **kwargs): pass
-    def start(self): pass
-    def join(self, timeout=None): pass
-    def terminate(self): pass
-
-def serial(processes_count, downloader, reader, subjob_size, max_shard_retry):
-    run = lambda shards: [row for ok, row in map(downloader, shards) if not ok]
-    retrier(run, run(reader), max_shard_retry)
-
-kwargs, hooks = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-from functools import partial
-from pipeline.data.img2dataset_hooks import DeadlineDownloader, PolicyResizer
-from pipeline.data.sources.shards import IngestConfig
-policy = IngestConfig(**hooks["policy"])
-m.Resizer = lambda **_: PolicyResizer(policy)  # img2dataset's own size arguments are replaced by `policy`
-m.Downloader = partial(DeadlineDownloader, total_timeout=hooks["total_timeout"])
-m.LoggerProcess = NoLogger
-if kwargs["processes_count"] == 1:
-    m.multiprocessing_distributor = serial
-m.download(**kwargs)
-"""
 
 
 # ------------------------------------------------------------------------------------------------ URL list
@@ -229,7 +194,8 @@ def _run_img2dataset(kwargs: dict, hooks: dict, log_path: str, n_shards: int, wh
                PYTHONUNBUFFERED="1")
     folder = kwargs["output_folder"]
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, json.dumps(kwargs), json.dumps(hooks)],
+        proc = subprocess.Popen([sys.executable, "-m", img2dataset_child.__name__, json.dumps(kwargs),
+                                 json.dumps(hooks)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
         last = time.monotonic()
         try:

@@ -51,7 +51,8 @@ def _entry(component: str, obj, staging: str) -> list[str]:
 
 def _request(export, use_ema: bool, vae_spec, text_spec) -> dict:
     """What decides the folder's content: the weights (by hash) and every setting."""
-    return {"weights_sha256": storage.sha256(export.weights), "config": export.config, "use_ema": use_ema, "vae": vae_spec, "text": text_spec}
+    return {"weights_sha256": storage.sha256(export.weights), "config": export.config, "use_ema": use_ema,
+            "vae": vae_spec, "text": text_spec}
 
 
 def write_folder(pipe, export, staging: str, facts, repo_hint: str) -> None:

@@ -149,8 +149,9 @@ def check_diffusers_folder(folder: str) -> dict:
         library, cls = entry
         if library in LIBRARIES:
             if getattr(libraries[library], cls, None) is None:
-                raise ValueError(f"{index_path}: unknown {name} class {cls!r}: {library} {libraries[library].__version__}"
-                                 " has none, and the folder ships no code for it")
+                version = libraries[library].__version__
+                raise ValueError(f"{index_path}: unknown {name} class {cls!r}: {library} {version} has none, and the "
+                                 "folder ships no code for it")
         elif not os.path.isfile(os.path.join(folder, name, f"{library}.py")):
             raise ValueError(f"{index_path}: unknown {name} class {cls!r}: neither diffusers nor transformers has it, "
                              f"and {os.path.join(name, library + '.py')!r} is not in the folder")

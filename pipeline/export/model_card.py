@@ -58,8 +58,9 @@ def gather(export: Export) -> RunFacts:
         if name and layout.is_complete(paths.export(name)):
             config = storage.read_json(paths.export_config(name))
             s = config.get("stage") or {}
+            batch = (s.get("batch") or {}).get("global_batch")
             facts.stages.append({"name": name, "resolution": (s.get("data") or {}).get("resolution"),
-                                 "steps": config.get("step"), "global_batch": (s.get("batch") or {}).get("global_batch"),
+                                 "steps": config.get("step"), "global_batch": batch,
                                  "objective": (config.get("objective") or {}).get("kind")})
     if storage.exists(paths.metrics):
         facts.metrics = storage.read_json(paths.metrics)

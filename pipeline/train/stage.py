@@ -14,7 +14,6 @@ import json
 import logging
 from collections.abc import Mapping
 
-from model import family as families
 from pipeline.core import layout, schema, storage
 from pipeline.core.layout import Layout
 from pipeline.core.plan import EncodersConfig, ModelSection, StageConfig, stage_config

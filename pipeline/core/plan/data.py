@@ -77,8 +77,8 @@ class DownloadConfig(Section):
 class PrecomputeConfig(Section):
     """What to compute (resolutions, decode limits) and how wide to run it on Ray.
 
-    `vae`, `text_encoder`, `text_mode`, `repa` and `source` are the step's inputs, not recipe settings: the flow fills them
-    from the run's `encoders` section and the source's name (a recipe that sets them is refused, so they have one
+    `vae`, `text_encoder`, `text_mode`, `repa` and `source` are the step's inputs, not recipe settings: the flow fills
+    them from the run's `encoders` section and the source's name (a recipe that sets them is refused, so they have one
     owner). With `repa` set, each row also gets REPA's DINOv2 patch features of the crop at the largest resolution
     the image has (pipeline/core/schema.py, `repa_features`).
     """
