@@ -162,9 +162,10 @@ def test_a_gpu_given_by_its_numbers():
 
 
 def test_an_mfu_the_gpu_suite_measured_is_used_and_named(tmp_path, monkeypatch):
-    """A GPU-suite report for that GPU kind (bench/results/<run>/gpu_suite.json) sets the MFU; the newest wins, a
-    debug (CPU) run or another GPU does not count."""
-    from pipeline.planner import estimate
+    """A GPU-suite report for that GPU kind (bench/results/<run>/gpu_suite.json) sets the MFU and the precompute
+    GPU-hours; the newest wins, a debug (CPU) run or another GPU does not count."""
+    from pipeline.planner import measured
+    from pipeline.planner.render import markdown
 
     def report(folder, date, device, mfu, debug=False):
         (tmp_path / folder).mkdir()
@@ -173,13 +174,23 @@ def test_an_mfu_the_gpu_suite_measured_is_used_and_named(tmp_path, monkeypatch):
             {"environment": {"device": device, "date_utc": date, "debug": debug}, "parts": parts}))
 
     report("old", "2026-12-01T00:00", "NVIDIA H100 80GB HBM3", 0.30)
+    encoders = {"status": "ok", "sdxl_vae_256_per_s": 100.0, "sdxl_vae_256_status": "ok", "sdxl_vae_512_per_s": 25.0,
+                "sdxl_vae_512_status": "ok", "dfn5b_text_per_s": 1000.0, "dfn5b_text_status": "ok"}
+    old = json.loads((tmp_path / "old" / "gpu_suite.json").read_text())
+    (tmp_path / "old" / "gpu_suite.json").write_text(json.dumps({**old, "parts": {**old["parts"],
+                                                                                  "encoders": encoders}}))
     report("new", "2026-12-05T00:00", "NVIDIA H100 80GB HBM3", 0.40)
     report("cpu", "2026-12-06T00:00", "cpu", 0.90, debug=True)
     report("a100", "2026-12-06T00:00", "NVIDIA A100-SXM4-80GB", 0.50)
-    monkeypatch.setattr(estimate, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(measured, "RESULTS", str(tmp_path))
     run = load_run("recipes/micro_budget.yaml", ["storage=/tmp/plan"])
-    plan = plan_run(run, parse_cluster("8xH100"), 3.75)
+    plan = plan_run(run, parse_cluster("8xH100"), 3.75, images=1_000_000)
     assert plan.mfu == 0.40 and "microdit/stage1_compile" in plan.mfu_source and "new" in plan.mfu_source
     assert plan.totals["days"] == pytest.approx(2.6 * PAPER_MFU / 0.40, rel=0.02)
-    assert estimate.measured_mfu(GPUS["H100"].name, "emmdit", str(tmp_path)) is None  # its part failed
+    assert measured.measured_mfu(GPUS["H100"].name, "emmdit", str(tmp_path)) is None  # its part failed
+    # Precompute from the newest run that measured the encoders (the old one): 1/100 + 1/25 + 1/1000 s an image.
+    pre = plan.data["precompute"]
+    assert pre["seconds_per_image"] == pytest.approx(0.051) and pre["gpu_hours"] == pytest.approx(51_000 / 3600)
+    assert "old" in pre["source"] and "14.2 GPU-hours for 1,000,000 images" in markdown(plan)
+    assert "reason" in plan_run(run, parse_cluster("8xA100"), 3.75, 0.3).data["precompute"]
     assert plan_run(run, parse_cluster("8xH100"), 3.75, 0.2).mfu_source == "given"

@@ -9,9 +9,6 @@ run's by our FLOP count (said in the plan).
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 
 from model import family as families
 from model.encoders.dino import feature_width
@@ -22,6 +19,7 @@ from pipeline.planner import activations, memory
 from pipeline.planner.clusters import Cluster, parse_cluster
 from pipeline.planner.plan import Plan, StagePlan
 from pipeline.planner.data import INPUT_SOURCE, cores_per_gpu, latent_geometry, read_bytes_per_sample, row_bytes
+from pipeline.planner.measured import measured_mfu, precompute_hours
 from pipeline.planner.render import markdown
 from pipeline.train.network import stage_model_config, uses_repa
 
@@ -30,35 +28,6 @@ from pipeline.train.network import stage_model_config, uses_repa
 # 6 x 1.16B parameters x kept tokens (592 EFLOP) says 33%; masked tokens counted as computed (748 EFLOP) say 42%.
 PAPER_MFU = 0.185
 MFU_BASES = ("executed", "6nd")
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench",
-                       "results")
-
-
-# The GPU suite's parts that measure each family's training step, best first (bench/gpu_suite.py).
-SUITE_PARTS = {"microdit": ("microdit/stage1_compile", "microdit/stage1_eager"), "emmdit": ("emmdit/512_eager",)}
-
-
-def measured_mfu(gpu_name: str, family: str, results: str | None = None) -> tuple[float, str] | None:
-    """The newest MFU the GPU suite measured for this family on this GPU kind (`{results}/**/gpu_suite.json`, a run
-    on a GPU whose name holds the kind's first word, e.g. "H100"), if any."""
-    results, found = results or RESULTS, []
-    for path in glob.glob(os.path.join(results, "**", "gpu_suite.json"), recursive=True):
-        try:
-            with open(path, encoding="utf-8") as f:
-                report = json.load(f)
-            env, parts = report["environment"], report["parts"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if env.get("debug") or gpu_name.split()[0].lower() not in str(env.get("device", "")).lower():
-            continue
-        for name in SUITE_PARTS.get(family, ()):
-            part = parts.get(name) or {}
-            if part.get("status") == "ok" and part.get("mfu"):
-                where = os.path.relpath(path, results)
-                found.append((str(env.get("date_utc", "")), float(part["mfu"]),
-                              f"measured by the GPU suite: {name} on {env['device']} ({where})"))
-                break
-    return max(found)[1:] if found else None
 
 
 def _divisors_up_to(n: int, limit: int) -> int:
@@ -161,7 +130,8 @@ def plan_run(run: RunConfig, cluster: Cluster, price: float, mfu: float | None =
     rows = row_bytes((channels, downsample), caption, run.precompute.resolutions, repa_shape)
     per_row = sum(rows.values())
     plan.data = {"row_bytes": rows, "bytes_per_row": per_row, "storage_per_million_images": per_row * 1e6,
-                 "images": images, "storage": per_row * images if images else None}
+                 "images": images, "storage": per_row * images if images else None,
+                 "precompute": precompute_hours(cluster.gpu.name, fam.name, run.precompute.resolutions, images)}
     return plan
 
 

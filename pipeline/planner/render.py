@@ -50,8 +50,14 @@ def markdown(plan: Plan) -> str:
     rows = ", ".join(f"{k} {_size(v)}" for k, v in d["row_bytes"].items())
     lines += ["", f"A stored row: {_size(d['bytes_per_row'])} ({rows}); {_size(d['storage_per_million_images'])} per "
                   "million images" + (f", {_size(d['storage'])} for {d['images']:,} images." if d["images"] else ".")]
-    lines += ["", "Precompute GPU-hours: not estimated (no encoder throughput measured on a GPU yet: "
-                  "bench/gpu_suite.py, `encoders`)."]
+    pre = d["precompute"]
+    if "reason" in pre:
+        lines += ["", f"Precompute GPU-hours: not estimated; {pre['reason']}."]
+    else:
+        hours = f"{pre['gpu_hours']:,.1f} GPU-hours for {d['images']:,} images" if d["images"] else \
+            "give --images for the GPU-hours"
+        lines += ["", f"Precompute: {pre['seconds_per_image'] * 1e3:.2f} GPU-ms per image, {hours} "
+                      f"({pre['source']})."]
     if plan.warnings:
         lines += ["", "**Warnings**", ""] + [f"- {w}" for w in plan.warnings]
     lines += ["", "Assumptions: " + "; ".join(plan.assumptions) + "."]
