@@ -26,9 +26,10 @@ def suite_reports(gpu_name: str, results: str | None = None) -> list[tuple[str, 
         try:
             with open(path, encoding="utf-8") as f:
                 report = json.load(f)
-            env = report["environment"]
-            report["parts"].items()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            env, parts = report["environment"], report["parts"]
+            if not isinstance(env, dict) or not isinstance(parts, dict):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):  # not a GPU-suite report: not ours to read
             continue
         if not env.get("debug") and gpu_name.split()[0].lower() in str(env.get("device", "")).lower():
             found.append((str(env.get("date_utc", "")), os.path.relpath(path, results), report))
