@@ -15,7 +15,6 @@ against the bare image encoder on ready tensors.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import emit
 from pipeline.evaluate.geneval.colour import ColourClassifier
 from pipeline.evaluate.geneval.detector import Detector, coco_labels
 from pipeline.evaluate.geneval.prompts import object_names
@@ -114,11 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         colour = bench_colour(checkpoint, args.crops, args.device, args.repeats)
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "detector": detector, "colour": colour}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

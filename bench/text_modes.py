@@ -14,12 +14,12 @@ figure is the fixed-noise evaluation loss at the end, and its ratio between the 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 
 import numpy as np
 import torch
 
+from bench import emit
 from model.emmdit.config import model_config
 from model.emmdit.network import EMMDiT
 from model.encoders import load_text_encoder
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["bytes"] = stored_bytes(enc.count_tokens(texts))
     release, compact = (result["modes"][m]["eval_loss"][-1] for m in ("release", "compact"))
     result["final_loss_ratio_compact_over_release"] = compact / release
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ def test_the_paper_run_and_nitro_e():
     nitro = plan_run(load_run("recipes/emmdit.yaml", ["storage=/tmp/plan"]), parse_cluster("8xMI300X"), 3.75)
     assert nitro.gpus == 8 and nitro.peak_flops == GPUS["MI300X"].peak_bf16
     assert 0 < nitro.totals["days"] < 1.5 and not nitro.warnings
+    # Rows store REPA's features for stage 1; stage 2 (REPA off) does not read them.
+    stage1, stage2 = (s.data["bytes_per_sample"] for s in nitro.stages)
+    assert stage1 - stage2 == nitro.data["row_bytes"]["repa_features"] > 0
 
 
 def test_a_stage_that_cannot_fit_is_named(capsys):

@@ -45,9 +45,11 @@ def row_bytes(latent: tuple[int, int], caption: tuple[int, int], resolutions: li
     return out
 
 
-def read_bytes_per_sample(rows: dict[str, int], resolution: int) -> int:
-    """What a stage's trainer reads a sample: its resolution's latent, the caption states, REPA features if any."""
-    return sum(v for k, v in rows.items() if not k.startswith("latents_") or k == f"latents_{resolution}")
+def read_bytes_per_sample(rows: dict[str, int], resolution: int, repa: bool) -> int:
+    """What a stage's trainer reads a sample: its resolution's latent, the caption states, and the REPA features
+    only when the stage uses them (its dataset leaves the column out otherwise)."""
+    wanted = {f"latents_{resolution}", "caption_states"} | ({"repa_features"} if repa else set())
+    return sum(v for k, v in rows.items() if k in wanted)
 
 
 def cores_per_gpu(bytes_per_s: float) -> float:

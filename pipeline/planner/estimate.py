@@ -17,9 +17,9 @@ from pipeline.core.layout import Layout
 from pipeline.core.plan import RunConfig
 from pipeline.planner import activations, memory
 from pipeline.planner.clusters import Cluster, parse_cluster
-from pipeline.planner.plan import Plan, StagePlan
 from pipeline.planner.data import INPUT_SOURCE, cores_per_gpu, latent_geometry, read_bytes_per_sample, row_bytes
 from pipeline.planner.measured import measured_mfu, precompute_hours
+from pipeline.planner.plan import Plan, StagePlan
 from pipeline.planner.render import markdown
 from pipeline.train.network import stage_model_config, uses_repa
 
@@ -62,7 +62,7 @@ def plan_run(run: RunConfig, cluster: Cluster, price: float, mfu: float | None =
     base = fam.config(run.model.preset, **run.model.overrides())
     caption = (base.caption_len, base.caption_dim)
     channels, downsample = latent_geometry(fam, run.encoders.vae, base.in_channels)
-    repa_shape = None
+    repa_shape, rates = None, []
     plan = Plan(recipe=recipe or run.name, family=fam.name, cluster=cluster.label, gpus=gpus,
                 peak_flops=cluster.gpu.peak_bf16, gpu_source=cluster.gpu.source, price_per_gpu_hour=price, mfu=mfu,
                 mfu_source=mfu_source, mfu_basis=mfu_basis, stages=[], totals={}, data={},
@@ -104,16 +104,12 @@ def plan_run(run: RunConfig, cluster: Cluster, price: float, mfu: float | None =
                "parameters": state.parameters}
         if uses_repa(stage) and run.encoders.repa:
             repa_shape = (cfg.num_patches, feature_width(run.encoders.repa))  # as stored (pipeline/core/schema.py)
-        rows = row_bytes((channels, downsample), caption, run.precompute.resolutions, repa_shape)
-        read = read_bytes_per_sample(rows, stage.data.resolution)
-        rate = samples / (hours * 3600) / gpus
+        rates.append(samples / (hours * 3600) / gpus)
         plan.stages.append(StagePlan(
             name=stage.name, resolution=stage.data.resolution, mask_ratio=mask_ratio,
             steps=stage.steps, global_batch=stage.batch.global_batch, micro_batch=stage.batch.micro_batch,
             samples=samples, flops_per_sample=per_sample, flops=flops, hours=hours, gpu_hours=hours * gpus,
-            cost_usd=hours * gpus * price, memory=mem,
-            data={"bytes_per_sample": read, "samples_per_s_per_gpu": rate, "input_mb_per_s_per_gpu": rate * read / 1e6,
-                  "cpu_cores_per_gpu": cores_per_gpu(rate * read)}))
+            cost_usd=hours * gpus * price, memory=mem, data={}))
         if not mem["fits"]:
             fix = (f"the largest micro-batch that fits is {largest[ac]}" if largest[ac] else
                    "not even one sample fits") + ("" if ac else
@@ -127,7 +123,12 @@ def plan_run(run: RunConfig, cluster: Cluster, price: float, mfu: float | None =
     plan.totals = {"hours": hours, "days": hours / 24, "gpu_hours": hours * gpus,
                    "cost_usd": hours * gpus * price, "samples": sum(s.samples for s in plan.stages),
                    "flops": sum(s.flops for s in plan.stages)}
+    # Every row stores what any stage reads; each stage reads its own part of it.
     rows = row_bytes((channels, downsample), caption, run.precompute.resolutions, repa_shape)
+    for s, stage, rate in zip(plan.stages, run.stages, rates):
+        read = read_bytes_per_sample(rows, stage.data.resolution, uses_repa(stage))
+        s.data = {"bytes_per_sample": read, "samples_per_s_per_gpu": rate, "input_mb_per_s_per_gpu": rate * read / 1e6,
+                  "cpu_cores_per_gpu": cores_per_gpu(rate * read)}
     per_row = sum(rows.values())
     plan.data = {"row_bytes": rows, "bytes_per_row": per_row, "storage_per_million_images": per_row * 1e6,
                  "images": images, "storage": per_row * images if images else None,
