@@ -114,6 +114,7 @@ def test_the_run_is_watchable_in_prefect_and_ray(tiny_flow, ray_train_runs):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from cli.watch import read_steps
+    from flows.progress_sinks import PLAN_KEY
 
     with get_client(sync_client=True) as client:
         second = {s.name: s for s in read_steps(client, tiny_flow["second"])}
@@ -128,6 +129,10 @@ def test_the_run_is_watchable_in_prefect_and_ray(tiny_flow, ray_train_runs):
         report = [a for a in artifacts if a.type == "markdown" and a.key == "microdit-report"]
         assert report and "](data:image/png;base64," in report[0].data and "core-hours" in report[0].data
         assert any(a.type == "table" and '"stage": "stage2"' in a.data for a in artifacts)
+        # The forecast is the first run's first artifact (the rerun finds the step cached).
+        planned = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[tiny_flow["first"]])))
+        assert any(a.key == PLAN_KEY and a.data.startswith("# Plan: ") for a in planned), [a.key for a in planned]
 
     runs = ray_train_runs()
     finished_runs = {run["name"] for run in runs if run["status"] == "FINISHED" and run["attempts"][-1]["workers"]}
